@@ -1,0 +1,102 @@
+"""Qwen2-VL vision tower: patch embedding, ViT blocks with 2-D rotary, per-image attention, patch merger."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from mr1jax.models.qwen2_vl.config import VisionConfig
+from mr1jax.models.qwen2_vl.layers import Dense, LayerNorm
+from mr1jax.models.qwen2_vl.rope import apply_rotary, vision_cos_sin
+
+
+def quick_gelu(x: jax.Array) -> jax.Array:
+    return x * jax.nn.sigmoid(1.702 * x)
+
+
+class VisionAttention(nnx.Module):
+    def __init__(self, cfg: VisionConfig, *, rngs: nnx.Rngs, dtype, param_dtype):
+        e = cfg.embed_dim
+        self.qkv = Dense(e, 3 * e, axes=("vision_embed", "vision_heads"), use_bias=True, rngs=rngs,
+                         dtype=dtype, param_dtype=param_dtype)
+        self.proj = Dense(e, e, axes=("vision_heads", "vision_embed"), use_bias=True, rngs=rngs,
+                          dtype=dtype, param_dtype=param_dtype)
+        self.num_heads, self.head_dim = cfg.num_heads, cfg.head_dim
+
+    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, segments: jax.Array | int) -> jax.Array:
+        """x [N, E]; cos/sin [N, head_dim]; segments: [N] segment ids, or a static count of equal segments."""
+        n = x.shape[0]
+        qkv = self.qkv(x).reshape(n, 3, self.num_heads, self.head_dim)
+        q, k, v = qkv[:, 0], qkv[:, 1], qkv[:, 2]
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if isinstance(segments, int):
+            # Equal-size images (the fixed-bucket training path): batch them, no mask needed.
+            shape = (segments, n // segments, self.num_heads, self.head_dim)
+            out = jax.nn.dot_product_attention(q.reshape(shape), k.reshape(shape), v.reshape(shape))
+        else:
+            mask = (segments[:, None] == segments[None, :])[None, None]            # [1, 1, N, N]
+            out = jax.nn.dot_product_attention(q[None], k[None], v[None], mask=mask)
+        return self.proj(out.reshape(n, -1))
+
+
+class VisionBlock(nnx.Module):
+    def __init__(self, cfg: VisionConfig, *, rngs: nnx.Rngs, dtype, param_dtype):
+        e = cfg.embed_dim
+        self.norm1 = LayerNorm(e, eps=cfg.layer_norm_eps, param_dtype=param_dtype)
+        self.norm2 = LayerNorm(e, eps=cfg.layer_norm_eps, param_dtype=param_dtype)
+        self.attn = VisionAttention(cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        self.fc1 = Dense(e, cfg.mlp_dim, axes=("vision_embed", "vision_mlp"), use_bias=True, rngs=rngs,
+                         dtype=dtype, param_dtype=param_dtype)
+        self.fc2 = Dense(cfg.mlp_dim, e, axes=("vision_mlp", "vision_embed"), use_bias=True, rngs=rngs,
+                         dtype=dtype, param_dtype=param_dtype)
+
+    def __call__(self, x, cos, sin, segments):
+        x = x + self.attn(self.norm1(x), cos, sin, segments)
+        return x + self.fc2(quick_gelu(self.fc1(self.norm2(x))))
+
+
+class PatchMerger(nnx.Module):
+    """LayerNorm, then each 2x2 block of neighbouring patches (4*E) -> MLP (exact GELU) -> text hidden size."""
+
+    def __init__(self, cfg: VisionConfig, *, rngs: nnx.Rngs, dtype, param_dtype):
+        e, m = cfg.embed_dim, cfg.embed_dim * cfg.spatial_merge_size**2
+        self.ln_q = LayerNorm(e, eps=cfg.layer_norm_eps, param_dtype=param_dtype)
+        self.fc1 = Dense(m, m, axes=("vision_merge", "vision_mlp"), use_bias=True, rngs=rngs, dtype=dtype,
+                         param_dtype=param_dtype)
+        self.fc2 = Dense(m, cfg.out_hidden_size, axes=("vision_mlp", "embed"), use_bias=True, rngs=rngs,
+                         dtype=dtype, param_dtype=param_dtype)
+        self.merged_dim = m
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = self.ln_q(x).reshape(-1, self.merged_dim)
+        return self.fc2(jax.nn.gelu(self.fc1(x), approximate=False))
+
+
+class VisionTower(nnx.Module):
+    """pixel_values [N, C*T*P*P] -> image features [N / merge^2, text hidden]."""
+
+    def __init__(self, cfg: VisionConfig, *, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32):
+        self.cfg = cfg
+        self.patch_embed = Dense(cfg.patch_dim, cfg.embed_dim, axes=("patch", "vision_embed"), use_bias=False,
+                                 rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        self.blocks = nnx.List([VisionBlock(cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+                                for _ in range(cfg.depth)])
+        self.merger = PatchMerger(cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        self.dtype = dtype
+
+    def __call__(self, pixel_values: jax.Array, patch_pos: jax.Array, segments: jax.Array | int) -> jax.Array:
+        """
+        Args:
+          pixel_values: [N, patch_dim] float, patches in 2x2-block-major order (see `mr1jax.data.vision`).
+          patch_pos: [N, 2] int (h, w) patch coordinates (`rope.vision_position_ids`).
+          segments: [N] int attention segment per patch (`rope.vision_segment_ids`), or a static Python int:
+            the number of equal-size segments (all images share one grid; no mask is built).
+        Returns:
+          [N / merge^2, out_hidden_size] in the compute dtype.
+        """
+        cos, sin = vision_cos_sin(patch_pos, self.cfg.head_dim, self.cfg.rope_theta)
+        x = self.patch_embed(pixel_values.astype(self.dtype))
+        for block in self.blocks:
+            x = block(x, cos, sin, segments)
+        return self.merger(x)
