@@ -281,6 +281,9 @@ def generate_corpus(num_lines: int = 6000, seed: int = 0) -> list[str]:
         lines.extend([w, f" {w}", w.capitalize(), f"{w}s"])
     lines.append("".join(PUNCT) + " 0123456789 \n\t\r\n" + " ".join(UNICODE_SNIPPETS))
     lines.append("You are a helpful assistant.")
+    # Chat-template role headers follow a special token, i.e. start a fresh pre-token.
+    for role in ("system", "user", "assistant"):
+        lines.extend([f"{role}\n"] * 50)
     for _ in range(num_lines):
         r = rng.random()
         if r < 0.35:

@@ -167,7 +167,7 @@ def _describe(image: object) -> str:
 
 def _pil_to_rgb(image: PIL.Image.Image) -> PIL.Image.Image:
     """``transformers.image_transforms.convert_to_rgb`` for PIL: alpha onto white."""
-    has_alpha = False and image.info.get("transparency") is not None
+    has_alpha = "A" in image.getbands() or image.info.get("transparency") is not None
     if has_alpha:
         rgba = image.convert("RGBA")
         background = PIL.Image.new("RGBA", rgba.size, (255, 255, 255, 255))
