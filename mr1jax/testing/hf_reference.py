@@ -1,7 +1,8 @@
 """Tiny `transformers` Qwen2-VL reference models with every parameter randomised at a realistic scale.
 
 Freshly initialised HF models give logits near +-0.2, which makes parity tests weak; here every matrix is
-drawn with std 1/sqrt(fan_in), norm weights around 1, biases around 0.1, embeddings with std 1.
+drawn with std 1/sqrt(fan_in), norm weights around 1, biases around 0.1, embeddings with std 0.5
+(logits then span about +-30, as in the real 2B model).
 Requires torch (the `test` extra).
 """
 
@@ -28,10 +29,11 @@ def build_hf_model(cfg: Qwen2VLConfig, seed: int = 0):
             elif p.ndim == 1:  # norm weights
                 p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=gen))
             elif "embed_tokens" in name:
-                p.copy_(torch.randn(p.shape, generator=gen))
+                p.copy_(0.5 * torch.randn(p.shape, generator=gen))
             else:
                 fan_in = int(np.prod(p.shape[1:]))
-                p.copy_(torch.randn(p.shape, generator=gen) / np.sqrt(fan_in))
+                scale = 4.0 if name.startswith("lm_head") else 1.0  # logits of +-20, as real models give
+                p.copy_(scale * torch.randn(p.shape, generator=gen) / np.sqrt(fan_in))
     if cfg.tie_word_embeddings:
         model.tie_weights()
     return model

@@ -188,7 +188,8 @@ def load_pretrained(path: str | os.PathLike, *, dtype=jnp.bfloat16, param_dtype=
     param_dtype = param_dtype or dtype
     abstract = nnx.eval_shape(lambda: Qwen2VL(cfg, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=param_dtype))
     graphdef, state = nnx.split(abstract)
-    tensors = {normalize_hf_key(k): v for k, v in open_checkpoint(path).items()}
+    # normalized name -> (file, name inside the file)
+    tensors = {normalize_hf_key(k): (f, k) for k, f in open_checkpoint(path).items()}
 
     flat = list(nnx.to_flat_state(nnx.state(abstract, nnx.Param)))
     missing, misshaped, used = [], [], set()
@@ -200,11 +201,12 @@ def load_pretrained(path: str | os.PathLike, *, dtype=jnp.bfloat16, param_dtype=
             missing.append(f"{name} {list(expected)}")
             continue
         used.add(name)
-        got = tensors[name].shape(name)
+        src, stored = tensors[name]
+        got = src.shape(stored)
         if tuple(got) != expected:
             misshaped.append(f"{name}: checkpoint {list(got)} vs model {list(expected)}")
             continue
-        plan.append((p, var, name, kind))
+        plan.append((p, var, src, stored, kind))
     unexpected = sorted(set(tensors) - used - ({"lm_head.weight"} if cfg.tie_word_embeddings else set()))
     if missing or misshaped or unexpected:
         lines = [f"checkpoint {path} does not match the Qwen2-VL model built from its config:"]
@@ -214,8 +216,8 @@ def load_pretrained(path: str | os.PathLike, *, dtype=jnp.bfloat16, param_dtype=
         raise CheckpointMismatchError("\n".join(lines))
 
     values = {}
-    for p, var, name, kind in plan:
-        src, np_dtype = tensors[name], np.dtype(var.dtype)
+    for p, var, src, name, kind in plan:
+        np_dtype = np.dtype(var.dtype)
         if mesh is None:
             values[p] = jnp.asarray(_read(src, name, kind, None, np_dtype))
         else:
