@@ -166,11 +166,12 @@ _rollout_jit = jax.jit(_rollout, static_argnums=(0,),
 
 
 def pad_to_bucket(input_ids: np.ndarray, attention_mask: np.ndarray, buckets: Sequence[int], pad_id: int,
-                  truncate: bool = False) -> tuple[np.ndarray, np.ndarray]:
+                  truncate: bool = False, protected_ids: Sequence[int] = ()) -> tuple[np.ndarray, np.ndarray]:
     """Left-pad [B, L] prompts to the smallest bucket >= the longest prompt.
 
     A prompt longer than the largest bucket raises ValueError naming its row, length and the bucket, unless
-    `truncate` (then its oldest tokens are dropped; a cut through image tokens is refused).
+    `truncate`: then its oldest tokens are dropped, but a cut that would remove any of `protected_ids`
+    (image pad / vision start / vision end) raises instead.
     """
     lengths = np.asarray(attention_mask).sum(-1)
     largest = max(buckets)
@@ -183,7 +184,12 @@ def pad_to_bucket(input_ids: np.ndarray, attention_mask: np.ndarray, buckets: Se
     out_ids = np.full((len(input_ids), target), pad_id, np.int32)
     out_mask = np.zeros((len(input_ids), target), np.int32)
     for r, (ids, m) in enumerate(zip(np.asarray(input_ids), np.asarray(attention_mask))):
-        tokens = ids[m.astype(bool)][-target:]
+        tokens = ids[m.astype(bool)]
+        cut = np.isin(tokens[:-target], protected_ids).sum() if len(tokens) > target else 0
+        if cut:
+            raise ValueError(f"prompt {r} has {len(tokens)} tokens, more than the largest prompt bucket {target}, "
+                             f"and truncating it would remove {cut} image token(s)")
+        tokens = tokens[-target:]
         out_ids[r, target - len(tokens):] = tokens
         out_mask[r, target - len(tokens):] = 1
     return out_ids, out_mask
@@ -209,8 +215,9 @@ def generate(model: Qwen2VL, input_ids, attention_mask, pixel_values=None, image
     input_ids = np.asarray(input_ids)
     attention_mask = np.ones_like(input_ids) if attention_mask is None else np.asarray(attention_mask)
     if prompt_buckets is not None:
+        protected = (cfg.image_token_id, cfg.vision_start_token_id, cfg.vision_end_token_id)
         input_ids, attention_mask = pad_to_bucket(input_ids, attention_mask, prompt_buckets, cfg.pad_token_id,
-                                                  truncate)
+                                                  truncate, protected)
     if num_samples < 1 or max_new_tokens < 1:
         raise ValueError(f"num_samples ({num_samples}) and max_new_tokens ({max_new_tokens}) must be >= 1")
     extra = prepare_inputs(cfg, input_ids, attention_mask, image_grid_thw)

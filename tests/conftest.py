@@ -12,13 +12,23 @@ def tiny_config(tied: bool = False) -> Qwen2VLConfig:
                               tie_word_embeddings=tied)
 
 
+def _saved_reference(tied: bool, tmp_path_factory):
+    from mr1jax.testing.hf_reference import build_hf_model
+
+    cfg = tiny_config(tied=tied)
+    model = build_hf_model(cfg, seed=1 + tied)
+    path = tmp_path_factory.mktemp(f"hf_tiny_{'tied' if tied else 'untied'}")
+    model.save_pretrained(path)
+    return cfg, model, path
+
+
 @pytest.fixture(scope="session", params=[False, True], ids=["untied", "tied"])
 def hf_tiny(request, tmp_path_factory):
     """(config, torch reference model, HF directory written by transformers' save_pretrained)."""
-    from mr1jax.testing.hf_reference import build_hf_model
+    return _saved_reference(request.param, tmp_path_factory)
 
-    cfg = tiny_config(tied=request.param)
-    model = build_hf_model(cfg, seed=1 + request.param)
-    path = tmp_path_factory.mktemp(f"hf_tiny_{'tied' if request.param else 'untied'}")
-    model.save_pretrained(path)
-    return cfg, model, path
+
+@pytest.fixture(scope="session")
+def hf_tiny_untied(tmp_path_factory):
+    """The untied reference only (for the slower sampler tests)."""
+    return _saved_reference(False, tmp_path_factory)
