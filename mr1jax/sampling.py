@@ -32,6 +32,7 @@ import numpy as np
 from flax import nnx
 
 from mr1jax.models.qwen2_vl.model import Qwen2VL, attention_mask_4d, prepare_inputs
+from mr1jax.sharding import shard_batch
 
 _TRACE_COUNT = [0]
 
@@ -94,7 +95,10 @@ def sample_tokens(logits: jax.Array, rng: jax.Array, temperature, top_k, top_p) 
     """Draw one token per row of logits [R, V]; temperature == 0 means greedy (argmax)."""
     greedy = jnp.argmax(logits, axis=-1)
     safe_t = jnp.where(temperature > 0, temperature, 1.0)
-    drawn = jax.random.categorical(rng, filter_logits(logits, safe_t, top_k, top_p), axis=-1)
+    # The vocabulary sort behind top-k / top-p runs only when one of them is on (a runtime branch).
+    filtered = jax.lax.cond((top_k > 0) | (top_p < 1.0), filter_logits, lambda lg, t, k, p: lg / t,
+                            logits.astype(jnp.float32), safe_t, top_k, top_p)
+    drawn = jax.random.categorical(rng, filtered, axis=-1)
     return jnp.where(temperature > 0, drawn, greedy).astype(jnp.int32)
 
 
@@ -198,7 +202,8 @@ def pad_to_bucket(input_ids: np.ndarray, attention_mask: np.ndarray, buckets: Se
 def generate(model: Qwen2VL, input_ids, attention_mask, pixel_values=None, image_grid_thw=None, *,
              num_samples: int = 1, max_new_tokens: int = 64, temperature: float = 1.0, top_p: float = 1.0,
              top_k: int = 0, eos_token_ids: Sequence[int] | None = None, rng: jax.Array | None = None,
-             prompt_buckets: Sequence[int] | None = None, truncate: bool = False) -> Rollouts:
+             prompt_buckets: Sequence[int] | None = None, truncate: bool = False,
+             mesh: jax.sharding.Mesh | None = None) -> Rollouts:
     """Sample `num_samples` completions per prompt.
 
     Args:
@@ -208,6 +213,8 @@ def generate(model: Qwen2VL, input_ids, attention_mask, pixel_values=None, image
       temperature: 0 = greedy. top_k: 0 = off. top_p: 1 = off. All traced: changing them never recompiles.
       eos_token_ids: stop ids (default: the model config's).
       prompt_buckets: when given, prompts are re-padded to the smallest fitting bucket (see `pad_to_bucket`).
+      mesh: when given, prompts are split over the mesh's (data, fsdp) axes (B must divide); parameters stay
+        wherever they are (e.g. sharded by `load_pretrained(..., mesh=mesh)`).
     Returns:
       `Rollouts` with B * num_samples rows.
     """
@@ -224,11 +231,11 @@ def generate(model: Qwen2VL, input_ids, attention_mask, pixel_values=None, image
     eos = np.asarray(tuple(eos_token_ids if eos_token_ids is not None else cfg.eos_token_ids), np.int32)
     rng = jax.random.key(0) if rng is None else rng
     graphdef, state = nnx.split(model)
+    put = lambda a, dim=0: jnp.asarray(a) if mesh is None else shard_batch(mesh, jnp.asarray(a), dim)  # noqa: E731
     uniform = extra.patch_segments if isinstance(extra.patch_segments, int) else None
     segment_ids = None if uniform is not None or extra.patch_segments is None else jnp.asarray(extra.patch_segments)
     tokens, logprobs, mask, truncated = _rollout_jit(
-        graphdef, state, jnp.asarray(input_ids), jnp.asarray(attention_mask), jnp.asarray(extra.position_ids),
-        jnp.asarray(extra.rope_deltas), None if pixel_values is None else jnp.asarray(pixel_values),
+        graphdef, state, put(input_ids), put(attention_mask), put(extra.position_ids, 1), put(extra.rope_deltas), None if pixel_values is None else jnp.asarray(pixel_values),
         None if extra.patch_pos is None else jnp.asarray(extra.patch_pos), segment_ids, rng,
         jnp.float32(temperature), jnp.int32(top_k), jnp.float32(top_p), jnp.asarray(eos),
         patch_segments=uniform,

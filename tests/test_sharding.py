@@ -16,7 +16,7 @@ from mr1jax import sharding as shd
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_sharded_forward_equals_single_device():
+def test_sharded_forward_and_rollouts_equal_single_device():
     env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu")
     proc = subprocess.run([sys.executable, str(ROOT / "tests" / "sharded_forward_check.py")], env=env,
                           capture_output=True, text=True, timeout=600, cwd=ROOT)
@@ -24,6 +24,9 @@ def test_sharded_forward_equals_single_device():
     line = [ln for ln in proc.stdout.splitlines() if ln.startswith("MAXDIFF")][0]
     print(line)
     assert float(line.split()[1]) <= 1e-5
+    greedy = [ln for ln in proc.stdout.splitlines() if ln.startswith("GREEDY_SAME")][0]
+    print(greedy)
+    assert greedy.split()[1] == "True" and float(greedy.split()[3]) <= 1e-4
 
 
 def test_make_mesh_fills_minus_one_and_checks_sizes():
