@@ -158,3 +158,19 @@ def test_kv_cache_formula_for_2b():
     per_token = kv_cache_bytes_per_token(Qwen2VLConfig.qwen2_vl_2b_instruct(), jnp.bfloat16)
     assert per_token == 28 * 1024                                  # 1 KiB per token per layer
     assert 8 * 2048 * per_token == 448 * 1024**2                   # G=8, 1024 prompt + 1024 new tokens
+
+
+def test_sampler_reads_live_parameters(hf_tiny_untied):
+    """Updating the model in place changes the next rollout (no stale copy of the weights)."""
+    from flax import nnx
+
+    cfg, _, path = hf_tiny_untied
+    model = load_pretrained(path, dtype=jnp.float32)
+    ids, mask, pv, grid = make_batch(cfg, ROWS, seed=2)
+    kw = dict(max_new_tokens=6, temperature=0.0, eos_token_ids=[cfg.eos_token_ids[0]])
+    before = np.asarray(generate(model, ids, mask, pv, grid, **kw).tokens)
+    head = model.lm_head.kernel
+    boosted = int(before[0, 0]) ^ 1  # a token the greedy policy did not pick
+    nnx.update(model.lm_head, nnx.State({"kernel": head.replace(head[...].at[:, boosted].add(100.0))}))
+    after = np.asarray(generate(model, ids, mask, pv, grid, **kw).tokens)
+    assert (after == boosted).any() and not np.array_equal(before, after)
