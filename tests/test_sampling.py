@@ -174,3 +174,41 @@ def test_sampler_reads_live_parameters(hf_tiny_untied):
     nnx.update(model.lm_head, nnx.State({"kernel": head.replace(head[...].at[:, boosted].add(100.0))}))
     after = np.asarray(generate(model, ids, mask, pv, grid, **kw).tokens)
     assert (after == boosted).any() and not np.array_equal(before, after)
+
+
+@pytest.mark.parametrize("top_k, top_p", [(0, 0.5), (1000, 1.0), (1000, 0.9), (5, 0.3), (0, 0.95), (300, 0.99)])
+def test_filter_on_large_vocab_equals_sort_reference(top_k, top_p):
+    """Both the top-candidate path and the exact bisection fallback keep the set a full sort keeps."""
+    logits = np.asarray(3 * jax.random.normal(jax.random.key(0), (4, 151936)))
+    want = []
+    for row in logits:
+        top = row[np.argsort(-row, kind="stable")[:top_k or len(row)]]
+        p = np.exp(top - top.max())
+        p /= p.sum()
+        keep = (np.cumsum(p) - p) < top_p
+        keep[0] = True
+        want.append(row >= top[keep].min())
+    got = np.isfinite(np.asarray(filter_logits(jnp.asarray(logits), jnp.float32(1), jnp.int32(top_k),
+                                               jnp.float32(top_p))))
+    # fp32 vs float64 cumulative mass may move the boundary by one token out of thousands
+    assert (np.abs(got.sum(-1) - np.sum(want, -1)) <= 1).all()
+    assert (got == np.array(want)).mean() > 1 - 1e-5
+
+
+def test_image_pad_is_suppressed_by_default(hf_tiny_untied):
+    """<|image_pad|> in a completion would break the training forward: it is never sampled by default."""
+    from flax import nnx
+
+    cfg, _, path = hf_tiny_untied
+    model = load_pretrained(path, dtype=jnp.float32)
+    ids, mask, pv, grid = make_batch(cfg, ROWS, seed=2)
+    kw = dict(max_new_tokens=4, temperature=0.0, eos_token_ids=[cfg.eos_token_ids[0]])
+    first = int(np.asarray(generate(model, ids, mask, pv, grid, **kw).tokens)[0, 0])
+    head = model.lm_head.kernel
+    # the image pad column becomes twice the greedy winner's: it now has the top logit at row 0, step 0
+    nnx.update(model.lm_head, nnx.State({"kernel": head.replace(
+        head[...].at[:, cfg.image_token_id].set(2.0 * head[...][:, first]))}))
+    unsuppressed = np.asarray(generate(model, ids, mask, pv, grid, suppress_token_ids=[], **kw).tokens)
+    assert unsuppressed[0, 0] == cfg.image_token_id
+    default = np.asarray(generate(model, ids, mask, pv, grid, **kw).tokens)
+    assert not (default == cfg.image_token_id).any() and default[0, 0] == first
