@@ -1,20 +1,21 @@
 #!/usr/bin/env python
 """Forward-pass latency of mr1jax's Qwen2-VL against `transformers` (torch eager), and 2B prefill MFU.
 
-Default mode (CPU; about 40 s on an idle 2-core machine, 30 of them building the models)::
+Default mode (CPU; about 30 s on an idle 2-core machine, 11 of them building the models)::
 
     python scripts/bench_forward.py [--batch_size 1] [--seq_len 128] [--iters 20] [--rounds 4]
 
-builds a Qwen2-VL with the real vocabulary and vision width but a shallow, narrow decoder -- text hidden 512,
-4 layers, 8 heads / 2 kv heads (head_dim 64, mrope_section (8, 12, 12)), intermediate 2816, vocab 151936
-with the real Qwen2-VL special ids, tied embeddings; vision depth 4, embed_dim 1280, 16 heads,
-out_hidden_size 512. That is 206.8M parameters: 77.8M embedding/head + 19.9M decoder layers + 109.1M vision
-(each 1280-wide vision block is 19.7M, the 5120-wide patch merger 28.8M). It is built as a randomised
+builds the benchmarks' ~100M-parameter Qwen2-VL (`mr1jax.testing.bench.bench_config`): the real vocabulary
+151936 and Qwen2-VL special ids, tied embeddings, and a shallow, narrow text decoder and vision tower -- text
+hidden 512, 4 layers, 8 heads / 2 kv heads (head_dim 64, mrope_section (8, 12, 12)), intermediate 2816;
+vision depth 4, embed_dim 512, 8 heads (head_dim 64), out_hidden_size 512. That is 116.2M parameters: 77.8M
+embedding/head + 19.9M decoder layers + 18.5M vision (each 512-wide vision block 3.2M, the 2048-wide patch
+merger 5.2M, the patch embedding 0.6M). It is built as a randomised
 `transformers.Qwen2VLForConditionalGeneration` (`mr1jax.testing.hf_reference.build_hf_model`), saved with
-``save_pretrained`` and loaded into mr1jax (`load_pretrained`, fp32), so both hold the same weights. Each
-prompt holds one 224x224 image (grid (1, 16, 16): 256 patches -> 64 image tokens) and ``--seq_len`` tokens
-in all (left-padded rows; with ``--batch_size`` > 1 later rows are up to 24 tokens shorter so the padding
-path runs). It prints:
+``save_pretrained`` and loaded into mr1jax (`load_pretrained`, fp32), so both hold the same weights
+(`mr1jax.testing.bench.build_reference_pair`). Each prompt holds one 224x224 image (grid (1, 16, 16): 256
+patches -> 64 image tokens) and ``--seq_len`` tokens in all (left-padded rows; with ``--batch_size`` > 1
+later rows are up to 24 tokens shorter so the padding path runs). It prints:
 
 * the parameter count (text / vision / total);
 * a table -- implementation, median ms, min ms, tokens/s -- for the jitted mr1jax ``Qwen2VL.forward``
@@ -35,10 +36,10 @@ Example (idle 2-core AMD EPYC, jax 0.10.2, torch 2.13.0)::
 
     implementation                      median ms    min ms   tokens/s
     ------------------------------------------------------------------
-    mr1jax jit forward (fp32)               240.8     233.7      531.6
-    torch eager forward (fp32)              519.7     490.2      246.3
+    mr1jax jit forward (fp32)               143.3     132.6      893.5
+    torch eager forward (fp32)              311.3     290.6      411.2
     ------------------------------------------------------------------
-    speed-up torch/mr1jax: 2.16x  (target >= 1.5x: MET)
+    speed-up torch/mr1jax: 2.17x  (target >= 1.5x: MET)
 
 Timing is done in ``--rounds`` alternating blocks (mr1jax, then torch, ...) so slow drift in a shared
 machine's load hits both implementations alike; the reported median is over all timed runs of each.
@@ -72,7 +73,6 @@ import argparse
 import os
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -83,47 +83,17 @@ from flax import nnx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from mr1jax.models.qwen2_vl.config import Qwen2VLConfig, TextConfig, VisionConfig
-from mr1jax.models.qwen2_vl.model import Qwen2VL, attention_mask_4d, prepare_inputs
-from mr1jax.testing.hf_reference import make_batch
+from mr1jax.models.qwen2_vl.config import Qwen2VLConfig  # noqa: E402
+from mr1jax.models.qwen2_vl.model import attention_mask_4d, prepare_inputs  # noqa: E402
+from mr1jax.testing.bench import (OtherLoad, bench_config, build_random_model, build_reference_pair,  # noqa: E402
+                                  image_grid, machine_busy, param_counts, summarize_params, timed,
+                                  torch_inputs)
+from mr1jax.testing.hf_reference import make_batch  # noqa: E402
 
 TARGET_SPEEDUP = 1.5  # the issue's target: mr1jax at least 1.5x faster than torch eager
 
 
-def bench_config() -> Qwen2VLConfig:
-    """~200M-parameter Qwen2-VL: real vocabulary / special ids / vision width, shallow and narrow text."""
-    text = TextConfig(hidden_size=512, intermediate_size=2816, num_layers=4, num_heads=8, num_kv_heads=2,
-                      mrope_section=(8, 12, 12))
-    vision = VisionConfig(depth=4, embed_dim=1280, num_heads=16, out_hidden_size=512)
-    return Qwen2VLConfig(text=text, vision=vision, tie_word_embeddings=True)
-
-
 # ------------------------------------------------------------------------------------------ helpers
-def param_counts(model: Qwen2VL) -> dict[str, int]:
-    """Parameter counts by component (tied head counted once, in the embedding)."""
-    out: dict[str, int] = {}
-    for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
-        key = ".".join(str(p) for p in path[:2])  # visual.blocks, visual.merger, model.layers, model.embed_tokens
-        out[key] = out.get(key, 0) + int(np.prod(var.shape))
-    return out
-
-
-def summarize_params(counts: dict[str, int]) -> tuple[int, int, int]:
-    vision = sum(v for k, v in counts.items() if k.startswith("visual"))
-    total = sum(counts.values())
-    return total - vision, vision, total
-
-
-def image_grid(cfg: Qwen2VLConfig, image_size: int) -> tuple[int, int, int]:
-    v = cfg.vision
-    unit = v.patch_size * v.spatial_merge_size
-    if image_size % unit:
-        raise SystemExit(f"--image_size must be a multiple of {unit} (patch {v.patch_size} x merge "
-                         f"{v.spatial_merge_size}), got {image_size}")
-    side = image_size // v.patch_size
-    return (1, side, side)
-
-
 def build_rows(cfg: Qwen2VLConfig, batch: int, seq_len: int, grid: tuple[int, int, int], ragged: bool):
     """One image per row; row 0 has `seq_len` tokens, later rows (if `ragged`) up to 24 fewer."""
     t, h, w = grid
@@ -134,59 +104,6 @@ def build_rows(cfg: Qwen2VLConfig, batch: int, seq_len: int, grid: tuple[int, in
     return [{"text": n_text - (8 * (i % 4) if ragged else 0), "images": [grid]} for i in range(batch)]
 
 
-class OtherLoad:
-    """CPU time that *other* processes (and the hypervisor: steal) used while timing, in cores.
-
-    Busy time from /proc/stat minus this process's own CPU time, over the wall time of the timed windows.
-    A shared machine's load slows both implementations (OpenMP torch much more than XLA), so the benchmark
-    reports it next to the medians. None where /proc/stat is unavailable.
-    """
-
-    def __init__(self):
-        self.other_s = 0.0
-        self.wall_s = 0.0
-        self.ok = os.path.exists("/proc/stat")
-
-    @staticmethod
-    def _busy_s() -> float:
-        with open("/proc/stat") as f:
-            v = [int(x) for x in f.readline().split()[1:]]
-        # user nice system idle iowait irq softirq steal ...: everything but idle and iowait
-        return (sum(v[:8]) - v[3] - v[4]) / os.sysconf("SC_CLK_TCK")
-
-    @staticmethod
-    def _own_s() -> float:
-        t = os.times()
-        return t.user + t.system
-
-    def start(self):
-        if self.ok:
-            self._b0, self._o0, self._w0 = self._busy_s(), self._own_s(), time.perf_counter()
-
-    def stop(self):
-        if self.ok:
-            self.other_s += max(0.0, (self._busy_s() - self._b0) - (self._own_s() - self._o0))
-            self.wall_s += time.perf_counter() - self._w0
-
-    @property
-    def cores(self) -> float | None:
-        return self.other_s / self.wall_s if self.ok and self.wall_s else None
-
-
-def timed(fn, iters: int, load: OtherLoad | None = None) -> list[float]:
-    """Seconds per call of `fn` (which must block until its result is ready)."""
-    out = []
-    if load:
-        load.start()
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        fn()
-        out.append(time.perf_counter() - t0)
-    if load:
-        load.stop()
-    return out
-
-
 def split_iters(iters: int, rounds: int) -> list[int]:
     rounds = max(1, min(rounds, iters))
     return [iters // rounds + (1 if r < iters % rounds else 0) for r in range(rounds)]
@@ -195,9 +112,6 @@ def split_iters(iters: int, rounds: int) -> list[int]:
 # ------------------------------------------------------------------------------------------ CPU comparison
 def run_compare(args) -> None:
     import torch
-    from mr1jax.models.qwen2_vl.hf import load_pretrained
-    from mr1jax.testing.hf_reference import build_hf_model
-
     import transformers
 
     transformers.utils.logging.disable_progress_bar()
@@ -211,11 +125,8 @@ def run_compare(args) -> None:
     print(f"jax {jax.__version__} on {jax.devices()[0].platform} ({jax.device_count()} device(s)); "
           f"torch {torch.__version__} with {n_threads} threads; cpu_count {n_threads}")
     t0 = time.perf_counter()
-    hf_model = build_hf_model(cfg, seed=0)
+    hf_model, model = build_reference_pair(cfg, seed=0)
     attn_impl = getattr(hf_model.config, "_attn_implementation", "?")
-    with tempfile.TemporaryDirectory() as tmp:
-        hf_model.save_pretrained(tmp)
-        model = load_pretrained(tmp, dtype=jnp.float32)
     print(f"built torch reference ({attn_impl} attention) and loaded it into mr1jax in "
           f"{time.perf_counter() - t0:.1f}s")
 
@@ -259,12 +170,7 @@ def run_compare(args) -> None:
     run_jax()  # second warm-up, as for torch (the first call above also allocates XLA's buffers)
 
     # ---- torch eager.
-    tkw = dict(input_ids=torch.as_tensor(input_ids, dtype=torch.long),
-               attention_mask=torch.as_tensor(attention_mask, dtype=torch.long),
-               pixel_values=torch.as_tensor(pixel_values, dtype=torch.float32),
-               image_grid_thw=torch.as_tensor(image_grid_thw, dtype=torch.long),
-               use_cache=False)
-    tkw["mm_token_type_ids"] = (tkw["input_ids"] == cfg.image_token_id).int()
+    tkw = dict(torch_inputs(cfg, input_ids, attention_mask, pixel_values, image_grid_thw), use_cache=False)
 
     def run_torch():
         with torch.inference_mode():
@@ -306,7 +212,7 @@ def run_compare(args) -> None:
         print(f"CPU used by other processes while timing: {jax_load.cores:.2f} cores (mr1jax), "
               f"{torch_load.cores:.2f} cores (torch) of {n_threads}"
               + ("  ** machine busy: timings are inflated, torch's OpenMP most; re-run when idle **"
-                 if busy > 0.1 * n_threads else ""))
+                 if machine_busy(busy, n_threads) else ""))
     flops = prefill_flops(cfg, param_counts(model), batch, input_ids.shape[1], pixel_values.shape[0],
                           len(image_grid_thw), head_positions=input_ids.shape[1])["total"]
     print(f"FLOPs per forward (module docstring's formula, LM head on all {input_ids.shape[1]} positions): "
@@ -341,8 +247,7 @@ def run_device_2b(args, cfg: Qwen2VLConfig | None = None) -> None:
           f"peak {args.peak_tflops} TFLOP/s")
 
     t0 = time.perf_counter()
-    model = nnx.jit(lambda: Qwen2VL(cfg, rngs=nnx.Rngs(0), dtype=jnp.bfloat16, param_dtype=jnp.bfloat16))()
-    jax.block_until_ready(nnx.state(model))
+    model = build_random_model(cfg, jnp.bfloat16)
     counts = param_counts(model)
     text_p, vision_p, total_p = summarize_params(counts)
     print(f"built random bf16 model in {time.perf_counter() - t0:.1f}s: {total_p:,} parameters "

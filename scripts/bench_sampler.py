@@ -1,15 +1,17 @@
 #!/usr/bin/env python
 """Rollout throughput of mr1jax's jitted sampler against `transformers.generate`, and decode vs its roofline.
 
-Default mode (CPU, about 5 minutes on 2 cores)::
+Default mode (CPU, about 2.5 minutes on 2 cores)::
 
     python scripts/bench_sampler.py [--repeats 3] [--prompts 4] [--num_samples 8] [--max_new_tokens 64]
 
-builds the forward benchmark's Qwen2-VL (real vocabulary 151936 and special ids, tied embeddings; text hidden
-512, 4 layers, 8 heads / 2 kv heads, mrope_section (8, 12, 12), intermediate 2816; vision depth 4, embed_dim
-1280, 16 heads, out_hidden_size 512) as a randomised `transformers.Qwen2VLForConditionalGeneration`
-(`mr1jax.testing.hf_reference.build_hf_model`), saves it with ``save_pretrained`` and loads the same weights
-into mr1jax (`load_pretrained`, fp32). The workload is ``--prompts`` left-padded prompts, each one 224x224
+builds the forward benchmark's ~100M-parameter Qwen2-VL (`mr1jax.testing.bench.bench_config`: real vocabulary
+151936 and special ids, tied embeddings; text hidden 512, 4 layers, 8 heads / 2 kv heads, mrope_section
+(8, 12, 12), intermediate 2816; vision depth 4, embed_dim 512, 8 heads, out_hidden_size 512; 116.2M
+parameters, 97.7M of them text -- 77.8M the tied embedding -- and 18.5M vision) as a randomised
+`transformers.Qwen2VLForConditionalGeneration` (`mr1jax.testing.hf_reference.build_hf_model`), saves it with
+``save_pretrained`` and loads the same weights into mr1jax (`load_pretrained`, fp32;
+`mr1jax.testing.bench.build_reference_pair`). The workload is ``--prompts`` left-padded prompts, each one 224x224
 image (grid (1, 16, 16): 256 patches -> 64 image tokens) plus some text, G = ``--num_samples`` samples per
 prompt and ``--max_new_tokens`` new tokens, at temperature 1 with top-k and top-p off. The stop id passed to
 both implementations is ``--eos_id`` (default 151935, a padding row of the embedding that the real tokenizer
@@ -60,7 +62,6 @@ import argparse
 import os
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -72,8 +73,12 @@ from flax import nnx
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from mr1jax import sampling  # noqa: E402
-from mr1jax.models.qwen2_vl.config import Qwen2VLConfig, TextConfig, VisionConfig  # noqa: E402
+from mr1jax.models.qwen2_vl.config import Qwen2VLConfig  # noqa: E402
 from mr1jax.models.qwen2_vl.model import Qwen2VL  # noqa: E402
+from mr1jax.testing.bench import (OtherLoad, bench_config, build_random_model, build_reference_pair,  # noqa: E402
+                                  image_grid, machine_busy, measure_bandwidth, measure_matmul,
+                                  median_seconds, param_counts, summarize_params, text_params, timed_once,
+                                  torch_inputs)
 from mr1jax.testing.hf_reference import make_batch  # noqa: E402
 
 TARGET_SPEEDUP = 4.0    # the issue: mr1jax rollouts >= 4x transformers' generated tokens/s
@@ -81,37 +86,10 @@ TARGET_ROOFLINE = 2.0   # the issue: decode step within 2x of the roofline
 UNUSED_EOS_ID = 151935  # last embedding row: padding beyond the real tokenizer's 151,665 tokens
 
 
-def bench_config() -> Qwen2VLConfig:
-    """The forward benchmark's model: ~98M text parameters (78M of them the tied embedding) + ~110M vision."""
-    text = TextConfig(hidden_size=512, intermediate_size=2816, num_layers=4, num_heads=8, num_kv_heads=2,
-                      mrope_section=(8, 12, 12))
-    vision = VisionConfig(depth=4, embed_dim=1280, num_heads=16, out_hidden_size=512)
-    return Qwen2VLConfig(text=text, vision=vision, tie_word_embeddings=True)
-
-
-# ------------------------------------------------------------------------------------------ helpers
-def param_counts(model: Qwen2VL) -> dict[str, int]:
-    """Parameter counts by component (model.layers, model.embed_tokens, model.norm, lm_head, visual.*)."""
-    out: dict[str, int] = {}
-    for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
-        key = ".".join(str(p) for p in path[:2])
-        out[key] = out.get(key, 0) + int(np.prod(var.shape))
-    return out
-
-
-def text_params(counts: dict[str, int]) -> int:
-    """Everything a decode step reads: decoder layers, final norm, embedding (= tied head) or untied head."""
-    return sum(v for k, v in counts.items() if k.startswith("model.") or k.startswith("lm_head"))
-
-
 def build_prompts(cfg: Qwen2VLConfig, n_prompts: int, n_text: int, image_size: int, seed: int = 0):
     """`n_prompts` left-padded prompts, one square image each; row i has 4 * (i % 4) fewer text tokens."""
-    v = cfg.vision
-    unit = v.patch_size * v.spatial_merge_size
-    if image_size % unit:
-        raise SystemExit(f"--image_size must be a multiple of {unit}, got {image_size}")
-    side = image_size // v.patch_size
-    rows = [{"text": max(1, n_text - 4 * (i % 4)), "images": [(1, side, side)]} for i in range(n_prompts)]
+    grid = image_grid(cfg, image_size)
+    rows = [{"text": max(1, n_text - 4 * (i % 4)), "images": [grid]} for i in range(n_prompts)]
     return make_batch(cfg, rows, seed=seed)
 
 
@@ -129,87 +107,6 @@ def repeat_prompts(cfg: Qwen2VLConfig, input_ids, attention_mask, pixel_values, 
         grids += [image_grid_thw[i0:i1]] * g
     return (np.repeat(input_ids, g, axis=0), np.repeat(attention_mask, g, axis=0),
             np.concatenate(pv), np.concatenate(grids))
-
-
-class OtherLoad:
-    """CPU time that other processes (and steal) used while timing, in cores (None without /proc/stat)."""
-
-    def __init__(self):
-        self.other_s = 0.0
-        self.wall_s = 0.0
-        self.ok = os.path.exists("/proc/stat")
-
-    @staticmethod
-    def _busy_s() -> float:
-        with open("/proc/stat") as f:
-            v = [int(x) for x in f.readline().split()[1:]]
-        return (sum(v[:8]) - v[3] - v[4]) / os.sysconf("SC_CLK_TCK")
-
-    @staticmethod
-    def _own_s() -> float:
-        t = os.times()
-        return t.user + t.system
-
-    def start(self):
-        if self.ok:
-            self._b0, self._o0, self._w0 = self._busy_s(), self._own_s(), time.perf_counter()
-
-    def stop(self):
-        if self.ok:
-            self.other_s += max(0.0, (self._busy_s() - self._b0) - (self._own_s() - self._o0))
-            self.wall_s += time.perf_counter() - self._w0
-
-    @property
-    def cores(self) -> float | None:
-        return self.other_s / self.wall_s if self.ok and self.wall_s else None
-
-
-def timed_once(fn, load: OtherLoad | None = None) -> float:
-    if load:
-        load.start()
-    t0 = time.perf_counter()
-    fn()
-    dt = time.perf_counter() - t0
-    if load:
-        load.stop()
-    return dt
-
-
-def measure_bandwidth(nbytes: int, dtype=jnp.float32, iters: int = 5) -> dict[str, float]:
-    """Memory bandwidth in bytes/s of a jitted full reduction (reads nbytes) and a jitted copy (reads + writes)."""
-    n = nbytes // jnp.dtype(dtype).itemsize
-    x = jax.jit(lambda: jnp.ones((n,), dtype))()
-    x.block_until_ready()
-    read = jax.jit(lambda a: jnp.sum(a, dtype=jnp.float32))
-    copy = jax.jit(lambda a: a * jnp.asarray(1.0001, dtype))  # not simplified away: one read + one write
-    out = {}
-    for name, fn, moved in (("read", read, nbytes), ("copy", copy, 2 * nbytes)):
-        fn(x).block_until_ready()
-        ts = []
-        for _ in range(iters):
-            t0 = time.perf_counter()
-            y = fn(x)
-            y.block_until_ready()
-            ts.append(time.perf_counter() - t0)
-            del y
-        out[name] = moved / statistics.median(ts)
-    del x
-    return out
-
-
-def measure_matmul(n: int, dtype=jnp.float32, iters: int = 10) -> float:
-    """FLOP/s of a jitted n x n by n x n `jnp.dot` (median)."""
-    k1, k2 = jax.random.split(jax.random.key(0))
-    a = jax.random.normal(k1, (n, n), dtype)
-    b = jax.random.normal(k2, (n, n), dtype)
-    f = jax.jit(jnp.dot)
-    f(a, b).block_until_ready()
-    ts = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        f(a, b).block_until_ready()
-        ts.append(time.perf_counter() - t0)
-    return 2 * n**3 / statistics.median(ts)
 
 
 def decode_roofline(cfg: Qwen2VLConfig, counts: dict[str, int], rows: int, avg_context: float, itemsize: int,
@@ -266,13 +163,7 @@ def sampling_step_costs(rows: int, vocab: int, iters: int) -> dict[str, float]:
     out = {}
     for name, (fn, p) in cases.items():
         f = jax.jit(fn)
-        f(logits, rng, p).block_until_ready()
-        ts = []
-        for _ in range(iters):
-            t0 = time.perf_counter()
-            f(logits, rng, p).block_until_ready()
-            ts.append(time.perf_counter() - t0)
-        out[name] = statistics.median(ts)
+        out[name] = median_seconds(lambda f=f, p=p: f(logits, rng, p).block_until_ready(), iters)
     return out
 
 
@@ -298,25 +189,14 @@ def decode_model_costs(model: Qwen2VL, rows: int, cache_size: int, context: int,
     cases = {"decoder layers (4 layers, KV cache)": (jax.jit(layers), (state, cache, tok, key_valid)),
              "LM head (tied embedding matmul)": (jax.jit(head), (state, jnp.ones((rows, t.hidden_size),
                                                                               model.dtype)))}
-    out = {}
-    for name, (f, fargs) in cases.items():
-        jax.block_until_ready(f(*fargs))
-        ts = []
-        for _ in range(iters):
-            t0 = time.perf_counter()
-            jax.block_until_ready(f(*fargs))
-            ts.append(time.perf_counter() - t0)
-        out[name] = statistics.median(ts)
-    return out
+    return {name: median_seconds(lambda f=f, fargs=fargs: jax.block_until_ready(f(*fargs)), iters)
+            for name, (f, fargs) in cases.items()}
 
 
 # ------------------------------------------------------------------------------------------ CPU comparison
 def run_compare(args) -> None:
     import torch
     import transformers
-
-    from mr1jax.models.qwen2_vl.hf import load_pretrained
-    from mr1jax.testing.hf_reference import build_hf_model
 
     transformers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()
@@ -330,13 +210,10 @@ def run_compare(args) -> None:
           f"threads; transformers {transformers.__version__}; cpu_count {n_threads}")
 
     t0 = time.perf_counter()
-    hf_model = build_hf_model(cfg, seed=0)
-    with tempfile.TemporaryDirectory() as tmp:
-        hf_model.save_pretrained(tmp)
-        model = load_pretrained(tmp, dtype=jnp.float32)
+    hf_model, model = build_reference_pair(cfg, seed=0)
     counts = param_counts(model)
     p_text = text_params(counts)
-    p_vision = sum(v for k, v in counts.items() if k.startswith("visual"))
+    p_vision = summarize_params(counts)[1]
     print(f"built the torch model and loaded the same weights into mr1jax in {time.perf_counter() - t0:.1f}s: "
           f"{p_text + p_vision:,} parameters (text {p_text:,} incl. tied embedding "
           f"{counts['model.embed_tokens']:,}; vision {p_vision:,})")
@@ -353,11 +230,7 @@ def run_compare(args) -> None:
     rep_batch = repeat_prompts(cfg, *batch, g)
 
     # ---- transformers
-    tkw = dict(input_ids=torch.as_tensor(input_ids, dtype=torch.long),
-               attention_mask=torch.as_tensor(attention_mask, dtype=torch.long),
-               pixel_values=torch.as_tensor(pixel_values, dtype=torch.float32),
-               image_grid_thw=torch.as_tensor(image_grid_thw, dtype=torch.long))
-    tkw["mm_token_type_ids"] = (tkw["input_ids"] == cfg.image_token_id).int()
+    tkw = torch_inputs(cfg, input_ids, attention_mask, pixel_values, image_grid_thw)
     hf_calls = [0]
 
     def run_hf():
@@ -442,7 +315,7 @@ def run_compare(args) -> None:
         busy = max(ld.cores for ld in loads.values())
         print("CPU used by other processes while timing: " +
               ", ".join(f"{ld.cores:.2f} ({k})" for k, ld in loads.items()) + f" cores of {n_threads}" +
-              ("  ** machine busy: timings are inflated **" if busy > 0.1 * n_threads else ""))
+              ("  ** machine busy: timings are inflated **" if machine_busy(busy, n_threads) else ""))
 
     # ---- decode vs roofline
     step_s = (med["shared"] - med["one_token"]) / (t_new - 1)
@@ -507,12 +380,11 @@ def run_gpu_2b(args, cfg: Qwen2VLConfig | None = None) -> None:
     dev = jax.devices()[0]
     print(f"jax {jax.__version__} on {dev.platform} ({getattr(dev, 'device_kind', '?')})")
     t0 = time.perf_counter()
-    model = nnx.jit(lambda: Qwen2VL(cfg, rngs=nnx.Rngs(0), dtype=jnp.bfloat16, param_dtype=jnp.bfloat16))()
-    jax.block_until_ready(nnx.state(model))
+    model = build_random_model(cfg, jnp.bfloat16)
     counts = param_counts(model)
     p_text = text_params(counts)
     print(f"built random bf16 model in {time.perf_counter() - t0:.1f}s: text {p_text:,} parameters, vision "
-          f"{sum(v for k, v in counts.items() if k.startswith('visual')):,}")
+          f"{summarize_params(counts)[1]:,}")
     batch = build_prompts(cfg, args.gpu_prompts, args.text_tokens, args.image_size)
     input_ids, attention_mask, pixel_values, image_grid_thw = batch
     batch = (input_ids, attention_mask, pixel_values.astype(jnp.bfloat16), image_grid_thw)
