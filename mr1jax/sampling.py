@@ -163,7 +163,8 @@ def sample_tokens(logits: jax.Array, rng: jax.Array, temperature, top_k, top_p) 
         t = jnp.where(temperature > 0, temperature, 1.0)
         filtered = jax.lax.cond((top_k > 0) | (top_p < 1.0), filter_logits, lambda lg, t, k, p: lg / t,
                                 logits, t, top_k, top_p)
-        cdf = jnp.cumsum(jax.nn.softmax(filtered, axis=-1), axis=-1)
+        # unnormalised CDF: the uniform is scaled by its total instead of dividing every entry
+        cdf = jnp.cumsum(jnp.exp(filtered - jnp.max(filtered, -1, keepdims=True)), axis=-1)
         u = (1.0 - jax.random.uniform(rng, (logits.shape[0], 1))) * cdf[:, -1:]            # in (0, total]
         return jnp.minimum(jnp.sum(cdf < u, axis=-1), logits.shape[-1] - 1).astype(jnp.int32)
 
@@ -210,7 +211,7 @@ def _rollout(graphdef, state, input_ids, attention_mask, position_ids, rope_delt
         rng, sub = jax.random.split(rng)
         banned = jnp.zeros((logits.shape[-1],), bool).at[suppress_ids].set(True)
         tok = sample_tokens(jnp.where(banned, -jnp.inf, logits), sub, temperature, top_k, top_p)
-        lp = jnp.take_along_axis(jax.nn.log_softmax(logits, -1), tok[:, None], -1)[:, 0]
+        lp = jnp.take_along_axis(logits, tok[:, None], -1)[:, 0] - jax.nn.logsumexp(logits, -1)
         alive = ~done
         tok = jnp.where(alive, tok, pad)
         tokens = tokens.at[:, step].set(tok)

@@ -36,7 +36,7 @@ sides do the same work (checked and printed). It prints:
 * `compile_count()` after the first calls and after all warm repeats (must not grow);
 * the issue's targets ">= 4x transformers throughput" and "decode within 2x of the roofline", PASS / MISS;
 * diagnostics (``--no_diagnose`` skips them): one shared rollout at temperature 0 (greedy) and one at top_p
-  0.999 (which turns on the full-vocabulary sort in `mr1jax.sampling.filter_logits`), neither recompiling;
+  0.999 (which turns on the top-k/top-p filter branch of `mr1jax.sampling.filter_logits`), neither recompiling;
   then the pieces of one decode step for the same rows, each jitted alone: the decoder layers (with a KV
   cache of the benchmark's size), the LM head, `sample_tokens` as benchmarked and with the sort on, the sort,
   the Gumbel draw of `jax.random.categorical`, argmax and log_softmax over [rows, vocab], next to their
@@ -151,7 +151,7 @@ def sampling_step_costs(rows: int, vocab: int, iters: int) -> dict[str, float]:
     t, k, p_off, p_on = jnp.float32(1.0), jnp.int32(0), jnp.float32(1.0), jnp.float32(0.999)
     cases = {
         "sample_tokens, top_p=1 (as benchmarked)": (lambda x, r, p: sampling.sample_tokens(x, r, t, k, p), p_off),
-        "sample_tokens, top_p=0.999 (vocab sort)": (lambda x, r, p: sampling.sample_tokens(x, r, t, k, p), p_on),
+        "sample_tokens, top_p=0.999 (top-p filter)": (lambda x, r, p: sampling.sample_tokens(x, r, t, k, p), p_on),
         "  jnp.sort alone": (lambda x, r, p: jnp.sort(x, axis=-1), p_off),
         "  jax.random.categorical alone (Gumbel)": (lambda x, r, p: jax.random.categorical(r, x, axis=-1), p_off),
         "  jax.random.uniform over [rows, vocab]": (lambda x, r, p: jax.random.uniform(r, x.shape), p_off),
@@ -348,7 +348,7 @@ def run_compare(args) -> None:
     print("diagnostics: where a decode step goes")
     count0 = sampling.compile_count()
     diag = {"temperature 0 (greedy)": dict(temperature=0.0),
-            "top_p 0.999 (vocab sort branch on)": dict(top_p=0.999)}
+            "top_p 0.999 (top-p filter branch on)": dict(top_p=0.999)}
     for label, kw in diag.items():
         s = timed_once(lambda: run_jax("shared", **kw))
         print(f"  shared rollout at {label:<36} {s:7.2f}s  ({s - med['shared']:+.2f}s vs temperature 1 / top_p 1 "

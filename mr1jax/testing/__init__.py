@@ -1,1 +1,1 @@
-"""Helpers shared by tests, benchmarks and demos (torch is only imported by `hf_reference`)."""
+"""Helpers shared by tests, benchmarks and demos (torch is imported lazily, only by the reference builders)."""
