@@ -212,3 +212,22 @@ def test_image_pad_is_suppressed_by_default(hf_tiny_untied):
     assert unsuppressed[0, 0] == cfg.image_token_id
     default = np.asarray(generate(model, ids, mask, pv, grid, **kw).tokens)
     assert not (default == cfg.image_token_id).any() and default[0, 0] == first
+
+
+def test_inverse_cdf_sample_matches_weights_across_blocks():
+    """Blocked inversion: frequencies follow the weights across block boundaries; zero weights never drawn."""
+    from mr1jax.sampling import inverse_cdf_sample
+
+    vocab = 1000  # not a multiple of the block size
+    w = np.zeros(vocab, np.float32)
+    hot = np.array([0, 255, 256, 511, 700, 999])
+    w[hot] = [1.0, 2.0, 3.0, 1.0, 2.0, 1.0]
+    n = 30_000
+    u = 1.0 - jax.random.uniform(jax.random.key(0), (n, 1))
+    draws = np.asarray(inverse_cdf_sample(jnp.broadcast_to(jnp.asarray(w), (n, vocab)), u, block=256))
+    freq = np.bincount(draws, minlength=vocab) / n
+    expected = w / w.sum()
+    assert set(np.unique(draws)) <= set(hot.tolist())
+    assert (np.abs(freq - expected) <= 5 * np.sqrt(expected * (1 - expected) / n) + 1e-9).all()
+    # u = 1 (the top of the range) lands on the last non-zero weight, never on padding
+    assert int(inverse_cdf_sample(jnp.asarray(w)[None], jnp.ones((1, 1)), block=256)[0]) == 999
