@@ -1,0 +1,398 @@
+"""grain input pipeline: dataset rows -> fixed-shape Qwen2-VL prompt batches for the RL sampler.
+
+Graph built by :func:`make_rl_dataset`::
+
+    MapDataset.source(rows)                  # rows whose prompt fits max(prompt_buckets)
+      .shuffle(seed)                         # a fresh permutation per epoch (seed + epoch)
+      .repeat(num_epochs)                    # None: forever
+      .map(_PrepareExample)                  # decode + resize to image_size + patchify (threads)
+      .to_iter_dataset(ReadOptions)          # drops rows skipped by a bad image (None)
+      .batch(batch_size, drop_remainder=True)
+      .map(_Collate)                         # chat template + tokenize + left-pad -> RLBatch
+      [.mp_prefetch(worker_count)]           # only if worker_count > 0
+
+Iterate with ``it = iter(ds)``; ``it.get_state()`` / ``it.set_state(state)`` save and restore
+the position exactly (grain's checkpointable iterator; the state is a small JSON-able dict).
+
+Shapes. Every image is resized to exactly ``image_size = (H, W)`` (multiples of 28), so
+``pixel_values`` is always ``[B * P, 1176]`` with ``P = (H/14) * (W/14)`` and every row has
+``P / 4`` ``<|image_pad|>`` tokens. The prompt length ``L`` is the smallest bucket of
+``prompt_buckets`` that fits the batch's longest prompt: the number of distinct batch shapes
+(and so of jit compilations downstream) equals the number of buckets actually used. Pass
+``pad_to_max_bucket=True`` for a single shape ``L = max(prompt_buckets)``.
+
+Order. Deterministic for a given ``seed`` and ``worker_count`` (``read_threads`` does not
+matter; with workers each one batches a strided slice of the shuffled rows, so changing
+``worker_count`` changes which rows share a batch); different seeds give different orders; each epoch is a different permutation. With
+``num_epochs=None`` a batch may straddle an epoch boundary; with a finite ``num_epochs`` the
+last incomplete batch is dropped.
+
+Bad rows. Rows are validated cheaply when the source is loaded (``mr1jax.data.rows``). Here,
+before the pipeline is built, every prompt is rendered and tokenized once (text only) and a row
+longer than ``max(prompt_buckets)`` raises :class:`DataError` naming file and row (or is skipped
+with ``skip_bad_rows``). An image that fails to decode when its row is read raises
+:class:`DataError` naming file and row; with ``skip_bad_rows`` the row is dropped with a warning
+(the batch is filled from the following rows, so shapes stay static).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import grain
+import numpy as np
+
+from mr1jax.data.chat import IMAGE_PAD_TOKEN, build_messages, format_prompts
+from mr1jax.data.rows import DataError
+from mr1jax.data.vision import num_image_tokens, preprocess_images
+
+__all__ = ["RLBatch", "make_rl_dataset", "patches_per_image", "prepare_source", "render_question"]
+
+logger = logging.getLogger(__name__)
+
+_FACTOR = 28  # patch_size * merge_size
+_PATCH = 14
+_IN_MEMORY = "<in-memory source>"
+
+
+@dataclasses.dataclass(frozen=True)
+class RLBatch:
+    """One batch of prompts for the RL sampler (host numpy arrays).
+
+    Attributes:
+      input_ids: ``[B, L] int32``, left-padded with the tokenizer's pad id.
+      attention_mask: ``[B, L] int32``, 0 on left padding.
+      pixel_values: ``[B * P, 1176] float32``, image by image in row order.
+      image_grid_thw: ``[B, 3] int64``, every row ``(1, H/14, W/14)``.
+      answers: ``[B]`` object array of ground-truth answer strings.
+      ids: ``[B]`` object array of example ids.
+      questions: ``[B]`` object array of the raw question strings (before templating).
+    """
+
+    input_ids: np.ndarray
+    attention_mask: np.ndarray
+    pixel_values: np.ndarray
+    image_grid_thw: np.ndarray
+    answers: np.ndarray
+    ids: np.ndarray
+    questions: np.ndarray
+
+    @property
+    def batch_size(self) -> int:
+        return int(self.input_ids.shape[0])
+
+    @property
+    def seq_len(self) -> int:
+        return int(self.input_ids.shape[1])
+
+    def model_inputs(self) -> dict[str, np.ndarray]:
+        """The numeric arrays, keyed as the model's arguments."""
+        return {
+            "input_ids": self.input_ids,
+            "attention_mask": self.attention_mask,
+            "pixel_values": self.pixel_values,
+            "image_grid_thw": self.image_grid_thw,
+        }
+
+
+def _check_image_size(image_size: int | Sequence[int]) -> tuple[int, int]:
+    if isinstance(image_size, (int, np.integer)) and not isinstance(image_size, bool):
+        image_size = (int(image_size), int(image_size))
+    ok = (
+        isinstance(image_size, (tuple, list))
+        and len(image_size) == 2
+        and all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v > 0 and v % _FACTOR == 0
+                for v in image_size)
+    )
+    if not ok:
+        raise ValueError(f"image_size must be (height, width), positive multiples of {_FACTOR}, got {image_size!r}")
+    return int(image_size[0]), int(image_size[1])
+
+
+def patches_per_image(image_size: int | Sequence[int]) -> int:
+    """``P``: rows of ``pixel_values`` per image of ``image_size`` (``(H/14) * (W/14)``)."""
+    h, w = _check_image_size(image_size)
+    return (h // _PATCH) * (w // _PATCH)
+
+
+def render_question(question: str, question_template: str) -> str:
+    """``question_template`` with ``{question}`` replaced (plain replacement, so other braces --
+    e.g. ``\\boxed{}`` -- are left alone)."""
+    return question_template.replace("{question}", question)
+
+
+def _where(example: Mapping[str, Any]) -> tuple[str, int | None]:
+    return str(example.get("file", _IN_MEMORY)), example.get("row")
+
+
+def _prompt_length_error(example: Mapping[str, Any], length: int, max_bucket: int) -> DataError:
+    file, row = _where(example)
+    return DataError(file, row, "question",
+                     f"prompt has {length} tokens (with the image), more than the largest bucket {max_bucket}")
+
+
+class _Rows(Sequence):
+    """Source restricted to ``indices``; fills in ``file``/``row`` for plain in-memory sources."""
+
+    def __init__(self, source: Sequence[Mapping[str, Any]], indices: np.ndarray):
+        self._source = source
+        self._indices = np.asarray(indices, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self._indices)
+
+    def __getitem__(self, index):  # type: ignore[override]
+        i = int(self._indices[index])
+        example = dict(self._source[i])
+        example.setdefault("file", _IN_MEMORY)
+        example.setdefault("row", i + 1)
+        example.setdefault("id", f"{i}")
+        return example
+
+
+def _text_fields(source: Sequence[Mapping[str, Any]], i: int) -> Mapping[str, Any]:
+    getter = getattr(source, "text_fields", None)  # RowSource: skips the (Parquet) image read
+    example = getter(i) if getter is not None else source[i]
+    if getter is None:
+        example = {"file": _IN_MEMORY, "row": i + 1, **example}
+    return example
+
+
+def _prompt_text(tokenizer: Any, question: str, *, system_prompt: str | None, question_template: str,
+                 image_tokens: int) -> str:
+    conversation = build_messages(render_question(question, question_template), 1, system_prompt)
+    text = tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
+    if text.count(IMAGE_PAD_TOKEN) != 1:
+        raise ValueError(f"chat template rendered {text.count(IMAGE_PAD_TOKEN)} {IMAGE_PAD_TOKEN!r} "
+                         f"placeholders for one image; expected 1")
+    return text.replace(IMAGE_PAD_TOKEN, IMAGE_PAD_TOKEN * image_tokens)
+
+
+def prepare_source(
+    source: Sequence[Mapping[str, Any]],
+    *,
+    tokenizer: Any,
+    image_size: int | Sequence[int],
+    prompt_buckets: Sequence[int],
+    system_prompt: str | None = None,
+    question_template: str = "{question}",
+    skip_bad_rows: bool = False,
+    chunk_size: int = 512,
+) -> tuple[_Rows, np.ndarray, list[DataError]]:
+    """Check every row's question/answer and prompt length (text only, no image decoding).
+
+    Returns:
+      ``(rows, lengths, skipped)``: the rows that fit ``max(prompt_buckets)``, the prompt
+      length (tokens, image pads included) of each kept row, and the errors of the rows
+      dropped (only with ``skip_bad_rows``).
+
+    Raises:
+      DataError: a row with a missing/non-string question or answer, or whose prompt is longer
+        than ``max(prompt_buckets)`` (unless ``skip_bad_rows``).
+    """
+    image_tokens = patches_per_image(image_size) // 4
+    max_bucket = max(int(b) for b in prompt_buckets)
+    kept: list[int] = []
+    lengths: list[int] = []
+    skipped: list[DataError] = []
+
+    def bad(err: DataError) -> None:
+        if not skip_bad_rows:
+            raise err
+        skipped.append(err)
+
+    for start in range(0, len(source), chunk_size):
+        idx, texts, examples = [], [], []
+        for i in range(start, min(start + chunk_size, len(source))):
+            example = _text_fields(source, i)
+            file, row = _where(example)
+            for key in ("question", "answer"):
+                if not isinstance(example.get(key), str) or not example[key].strip():
+                    bad(DataError(file, row, key, f"missing or empty {key}"))
+                    break
+            else:
+                idx.append(i)
+                examples.append(example)
+                texts.append(_prompt_text(tokenizer, example["question"], system_prompt=system_prompt,
+                                          question_template=question_template, image_tokens=image_tokens))
+        if not texts:
+            continue
+        for i, example, ids in zip(idx, examples, tokenizer(texts, add_special_tokens=False)["input_ids"]):
+            if len(ids) > max_bucket:
+                bad(_prompt_length_error(example, len(ids), max_bucket))
+            else:
+                kept.append(i)
+                lengths.append(len(ids))
+    return _Rows(source, np.asarray(kept, dtype=np.int64)), np.asarray(lengths, dtype=np.int32), skipped
+
+
+class _PrepareExample:
+    """Per-example map: decode and preprocess the image to ``image_size`` (runs in read threads)."""
+
+    def __init__(self, image_size: tuple[int, int], skip_bad_rows: bool):
+        self.image_size = image_size
+        self.skip_bad_rows = skip_bad_rows
+
+    def __call__(self, example: Mapping[str, Any]) -> dict[str, Any] | None:
+        try:
+            pixel_values, grid = preprocess_images([example["image"]], fixed_size=self.image_size)
+        except (ValueError, OSError, TypeError) as e:
+            file, row = _where(example)
+            err = DataError(file, row, "image", str(e).removeprefix("image 0: ").removeprefix("image 0"))
+            if self.skip_bad_rows:
+                logger.warning("skipping bad row: %s", err)
+                return None
+            raise err from e
+        return {
+            "pixel_values": pixel_values,
+            "image_grid_thw": grid[0],
+            "question": example["question"],
+            "answer": example["answer"],
+            "id": str(example["id"]),
+        }
+
+
+def _as_list(elements: Sequence[Any]) -> list[Any]:
+    return list(elements)
+
+
+def _object_array(values: Sequence[str]) -> np.ndarray:
+    out = np.empty(len(values), dtype=object)
+    out[:] = list(values)
+    return out
+
+
+class _Collate:
+    """Batch map: chat template + tokenize + left-pad (``format_prompts``) and stack images."""
+
+    def __init__(self, tokenizer: Any, buckets: Sequence[int], system_prompt: str | None, question_template: str):
+        self.tokenizer = tokenizer
+        self.buckets = list(buckets)
+        self.system_prompt = system_prompt
+        self.question_template = question_template
+
+    def __call__(self, elements: Sequence[Mapping[str, Any]]) -> RLBatch:
+        conversations = [build_messages(render_question(e["question"], self.question_template), 1,
+                                        self.system_prompt) for e in elements]
+        grids = np.stack([e["image_grid_thw"] for e in elements])
+        counts = [[int(n)] for n in num_image_tokens(grids)]
+        prompts = format_prompts(self.tokenizer, conversations, counts, buckets=self.buckets)
+        return RLBatch(
+            input_ids=prompts.input_ids,
+            attention_mask=prompts.attention_mask,
+            pixel_values=np.concatenate([e["pixel_values"] for e in elements], axis=0),
+            image_grid_thw=grids,
+            answers=_object_array([e["answer"] for e in elements]),
+            ids=_object_array([e["id"] for e in elements]),
+            questions=_object_array([e["question"] for e in elements]),
+        )
+
+
+def _ensure_absl_flags_parsed() -> None:
+    """grain's worker processes read absl flags; a program that never parsed them (not run via
+    ``absl.app.run``) would fail with ``UnparsedFlagAccessError``, so use the defaults."""
+    from absl import flags
+
+    if not flags.FLAGS.is_parsed():
+        logger.info("absl flags not parsed: using their defaults for grain workers")
+        flags.FLAGS.mark_as_parsed()
+
+
+def make_rl_dataset(
+    source: Sequence[Mapping[str, Any]],
+    *,
+    tokenizer: Any,
+    batch_size: int,
+    image_size: int | Sequence[int],
+    prompt_buckets: Sequence[int],
+    seed: int,
+    shuffle: bool = True,
+    num_epochs: int | None = None,
+    worker_count: int = 0,
+    system_prompt: str | None = None,
+    question_template: str = "{question}",
+    skip_bad_rows: bool | None = None,
+    pad_to_max_bucket: bool = False,
+    read_threads: int = 4,
+    prefetch_buffer_size: int | None = None,
+) -> grain.IterDataset:
+    """Build the RL prompt pipeline (see the module docstring for the graph and guarantees).
+
+    Args:
+      source: a ``mr1jax.data.rows.RowSource`` or any random-access sequence of dicts with
+        ``image`` (anything ``preprocess_images`` takes), ``question`` and ``answer`` strings,
+        and optionally ``id``, ``file``, ``row``.
+      tokenizer: tokenizer with Qwen2-VL's chat template (``mr1jax.data.tokenizer.load_tokenizer``).
+      batch_size: rows per batch ``B``; incomplete batches are dropped.
+      image_size: ``(H, W)`` (or one int for square), multiples of 28; every image is resized
+        to it (aspect ratio not kept).
+      prompt_buckets: allowed prompt lengths ``L``.
+      seed: shuffle seed, in ``[0, 2**32)``.
+      shuffle: shuffle rows (per epoch); ``False`` keeps the source order.
+      num_epochs: passes over the data; ``None`` repeats forever.
+      worker_count: grain worker processes (``mp_prefetch``); 0 = in-process. Workers are
+        spawned: the launching script needs an ``if __name__ == "__main__":`` guard. Unparsed
+        absl flags are marked parsed (defaults), as grain's workers read them.
+      system_prompt: system message; ``None`` keeps the chat template's default.
+      question_template: user text, with ``{question}`` replaced by the row's question.
+      skip_bad_rows: drop rows whose prompt is too long or whose image fails to decode,
+        instead of raising ``DataError``. ``None``: the source's ``skip_bad_rows`` (else False).
+      pad_to_max_bucket: pad every batch to ``max(prompt_buckets)`` (one static shape).
+      read_threads: threads decoding/preprocessing images.
+      prefetch_buffer_size: examples read ahead (default ``2 * batch_size``).
+
+    Returns:
+      A ``grain.IterDataset`` of :class:`RLBatch`; ``iter()`` gives a checkpointable iterator
+      (``get_state`` / ``set_state``).
+
+    Raises:
+      DataError: a row whose prompt is longer than ``max(prompt_buckets)`` (eagerly, here), or
+        whose image cannot be decoded (when that row is read).
+      ValueError: bad arguments, or no row left.
+    """
+    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size <= 0:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    image_hw = _check_image_size(image_size)
+    buckets = sorted({int(b) for b in prompt_buckets})
+    if not buckets or buckets[0] <= 0:
+        raise ValueError(f"prompt_buckets must be positive integers, got {list(prompt_buckets)}")
+    if not 0 <= int(seed) < 2**32:
+        raise ValueError(f"seed must be in [0, 2**32), got {seed}")
+    if num_epochs is not None and num_epochs <= 0:
+        raise ValueError(f"num_epochs must be positive or None, got {num_epochs}")
+    if "{question}" not in question_template:
+        raise ValueError(f"question_template must contain '{{question}}', got {question_template!r}")
+    if skip_bad_rows is None:
+        skip_bad_rows = bool(getattr(source, "skip_bad_rows", False))
+
+    rows, _, skipped = prepare_source(
+        source, tokenizer=tokenizer, image_size=image_hw, prompt_buckets=buckets,
+        system_prompt=system_prompt, question_template=question_template, skip_bad_rows=skip_bad_rows,
+    )
+    if skipped:
+        logger.warning("skipping %d row(s) whose prompt does not fit; first: %s", len(skipped), skipped[0])
+    if len(rows) == 0:
+        raise ValueError(f"no usable rows: {len(source)} row(s) in the source, {len(skipped)} skipped")
+    if num_epochs is not None and len(rows) * num_epochs < batch_size:
+        raise ValueError(f"{len(rows)} row(s) x {num_epochs} epoch(s) cannot fill one batch of {batch_size}")
+
+    ds = grain.MapDataset.source(rows)
+    if shuffle:
+        ds = ds.shuffle(seed=int(seed))
+    ds = ds.repeat(num_epochs)
+    ds = ds.map(_PrepareExample(image_hw, skip_bad_rows))
+    read_options = grain.ReadOptions(
+        num_threads=max(1, int(read_threads)),
+        prefetch_buffer_size=int(prefetch_buffer_size) if prefetch_buffer_size is not None else 2 * batch_size,
+    )
+    it_ds = ds.to_iter_dataset(read_options)  # drops the None of skipped rows
+    it_ds = it_ds.batch(int(batch_size), drop_remainder=True, batch_fn=_as_list)
+    it_ds = it_ds.map(_Collate(tokenizer, [buckets[-1]] if pad_to_max_bucket else buckets,
+                               system_prompt, question_template))
+    if worker_count > 0:
+        _ensure_absl_flags_parsed()
+        it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=int(worker_count)))
+    return it_ds
