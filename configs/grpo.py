@@ -1,0 +1,85 @@
+"""GRPO with OThink-MR1's dynamic KL on a tiny embedded Qwen2-VL (the default; runs on a CPU, no downloads).
+
+    python -m mr1jax.train --config=configs/grpo.py --workdir=/tmp/mr1jax_grpo
+    python -m mr1jax.train --config=configs/grpo.py --config.max_steps=3 --workdir=...   # stop early
+
+Data: the synthetic counting task (`mr1jax.data.tasks`), or your own rows with
+`--config.data.train_files=train.jsonl --config.data.fields=geometry3k` (JSONL/Parquet; see
+`mr1jax.data.rows.PRESETS`). Model: a tiny random Qwen2-VL with the packaged tokenizer, or a local
+Hugging Face directory with `--config.model.hf_path=/path/to/Qwen2-VL-2B-Instruct`.
+Hardware: any CPU (about a second per step at these sizes).
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.max_steps = -1            # stop after this many steps of this run without changing any schedule
+    c.total_steps = 20          # the schedule length (KL V-shape, learning rate)
+    c.log_every = 1
+
+    c.model = ml_collections.ConfigDict()
+    c.model.hf_path = ""        # "" = tiny random model built from c.model.tiny
+    c.model.tokenizer_path = ""  # "" = hf_path, or the packaged tokenizer for the tiny model
+    c.model.dtype = "float32"   # float32 | bfloat16
+    c.model.tiny = ml_collections.ConfigDict(dict(hidden_size=64, num_layers=2, vision_depth=1))
+
+    c.data = ml_collections.ConfigDict()
+    c.data.task = "counting"    # synthetic task used when train_files is empty
+    c.data.num_train = 64
+    c.data.num_eval = 16
+    c.data.train_files = ""     # comma-separated JSONL / Parquet files
+    c.data.eval_files = ""
+    c.data.fields = "generic"   # field preset: generic | geometry3k | easyr1 | r1v | superclevr
+    c.data.skip_bad_rows = False
+    c.data.image_size = 56      # every image resized to image_size x image_size (multiple of 28)
+    c.data.prompt_bucket = 64   # prompts left-padded to this length
+    c.data.batch_size = 4       # prompts per step
+    c.data.question_template = (
+        "{question} Think first inside <think></think>, then give the final answer inside <answer></answer>.")
+
+    c.rollout = ml_collections.ConfigDict()
+    c.rollout.num_samples = 4   # G completions per prompt
+    c.rollout.max_new_tokens = 16
+    c.rollout.temperature = 1.0
+    c.rollout.top_p = 1.0
+    c.rollout.top_k = 0
+
+    c.rl = ml_collections.ConfigDict()
+    c.rl.beta_schedule = "othink_dynamic"  # constant | othink_dynamic | linear | cosine
+    c.rl.beta = 0.04            # for constant
+    c.rl.beta_min = 0.04
+    c.rl.beta_max = 0.1
+    c.rl.warmup_fraction = 0.3  # OThink-MR1's w / t
+    c.rl.eps_low = 0.2
+    c.rl.eps_high = 0.2
+    c.rl.agg = "seq_mean_token_mean"  # seq_mean_token_mean | token_mean | dr_grpo
+    c.rl.kl_estimator = "k3"    # k1 | k2 | k3
+    c.rl.advantage_scale = "group"  # group | batch | none
+    c.rl.reward = "othink"      # othink (acc + alpha*format) | hard (Vision-R1 HFRRF) | accuracy | format
+    c.rl.alpha = 1.0
+    c.rl.reward_timeout_s = 5.0
+    c.rl.updates_per_batch = 1  # mu
+    c.rl.micro_batches = 1      # gradient accumulation over prompt groups
+    c.rl.ptst_stages = ""       # Vision-R1 PTST, e.g. "16x4:10,32x2:10" (max_new_tokens x G : steps)
+
+    c.optim = ml_collections.ConfigDict()
+    c.optim.learning_rate = 1e-3
+    c.optim.warmup_steps = 0
+    c.optim.weight_decay = 0.0
+    c.optim.grad_clip = 1.0
+
+    c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
+
+    c.checkpoint = ml_collections.ConfigDict()
+    c.checkpoint.every_steps = 10
+    c.checkpoint.max_to_keep = 2
+    c.checkpoint.async_save = True
+
+    c.eval = ml_collections.ConfigDict()
+    c.eval.every_steps = 10     # 0 = only at the end
+    c.eval.num_batches = 2
+    c.export_hf = True          # write <workdir>/hf at the end (transformers-loadable)
+    return c

@@ -1,0 +1,386 @@
+"""The GRPO training command: `python -m mr1jax.train --config=configs/grpo.py --workdir=DIR`.
+
+One readable loop, in sections: config checks, mesh + model, data, optimizer, checkpoint/resume, then per
+step: rollouts (sampler) -> rewards (host, worker processes) -> group advantages -> reference
+log-probabilities (frozen starting parameters) -> jitted GRPO update(s) -> metrics -> checkpoint.
+Evaluation (greedy accuracy, format rate, completion length) runs every `eval.every_steps` and at the end.
+SIGTERM saves a checkpoint and exits cleanly; rerunning the same command resumes from the latest one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from flax import nnx
+
+from mr1jax import sharding
+from mr1jax.checkpoint import Checkpointer, PreemptionGuard
+from mr1jax.data.pipeline import make_rl_dataset
+from mr1jax.data.rows import RowSource
+from mr1jax.data.tasks import TASKS
+from mr1jax.data.tokenizer import load_tokenizer, special_token_ids
+from mr1jax.models.qwen2_vl import Qwen2VL, Qwen2VLConfig, prepare_inputs
+from mr1jax.models.qwen2_vl.hf import load_pretrained, save_pretrained
+from mr1jax.rl import group_advantages, make_schedule
+from mr1jax.rl import rewards as rw
+from mr1jax.rl.ptst import Stage, is_stage_boundary, parse_stages, stage_at
+from mr1jax.rl.update import GRPOConfig, completion_logprobs, grpo_update
+from mr1jax.sampling import generate
+
+
+class ConfigError(ValueError):
+    """A training config field holds a value mr1jax cannot use."""
+
+
+CHOICES = {
+    "model.dtype": ("float32", "bfloat16"),
+    "rl.beta_schedule": ("constant", "othink_dynamic", "linear", "cosine"),
+    "rl.agg": ("seq_mean_token_mean", "token_mean", "dr_grpo"),
+    "rl.kl_estimator": ("k1", "k2", "k3"),
+    "rl.advantage_scale": ("group", "batch", "none"),
+    "rl.reward": ("othink", "hard", "accuracy", "format"),
+    "data.task": tuple(TASKS),
+}
+POSITIVE = ("total_steps", "data.batch_size", "data.prompt_bucket", "data.image_size", "rollout.num_samples",
+            "rollout.max_new_tokens", "rl.updates_per_batch", "rl.micro_batches", "checkpoint.every_steps",
+            "checkpoint.max_to_keep", "log_every")
+
+
+def _get(c: ml_collections.ConfigDict, dotted: str) -> Any:
+    for part in dotted.split("."):
+        c = c[part]
+    return c
+
+
+def validate_config(c: ml_collections.ConfigDict) -> list[Stage]:
+    """Check every field before anything is built or compiled; returns the rollout stages."""
+    for field, allowed in CHOICES.items():
+        if _get(c, field) not in allowed:
+            raise ConfigError(f"config.{field} = {_get(c, field)!r}; allowed values: {', '.join(allowed)}")
+    for field in POSITIVE:
+        value = _get(c, field)
+        if not isinstance(value, int) or value < 1:
+            raise ConfigError(f"config.{field} must be a positive integer, got {value!r}")
+    if c.data.image_size % 28:
+        raise ConfigError(f"config.data.image_size = {c.data.image_size} must be a multiple of 28")
+    if c.data.batch_size % c.rl.micro_batches:
+        raise ConfigError(f"config.rl.micro_batches = {c.rl.micro_batches} must divide config.data.batch_size "
+                          f"= {c.data.batch_size} (micro-batches split whole prompt groups)")
+    if not 0 < c.rollout.top_p <= 1 or c.rollout.temperature < 0 or c.rollout.top_k < 0:
+        raise ConfigError("config.rollout needs 0 < top_p <= 1, temperature >= 0 and top_k >= 0, got "
+                          f"top_p={c.rollout.top_p}, temperature={c.rollout.temperature}, top_k={c.rollout.top_k}")
+    if not 0 <= c.rl.eps_low < 1 or c.rl.eps_high < 0:
+        raise ConfigError(f"config.rl.eps_low must be in [0, 1) and eps_high >= 0, got {c.rl.eps_low}, "
+                          f"{c.rl.eps_high}")
+    if c.rl.beta_min > c.rl.beta_max or min(c.rl.beta_min, c.rl.beta, 0.0) < 0:
+        raise ConfigError(f"config.rl needs 0 <= beta_min <= beta_max and beta >= 0, got beta_min={c.rl.beta_min}, "
+                          f"beta_max={c.rl.beta_max}, beta={c.rl.beta}")
+    if not c.data.train_files and c.data.num_train < c.data.batch_size:
+        raise ConfigError(f"config.data.num_train = {c.data.num_train} is smaller than one batch "
+                          f"({c.data.batch_size})")
+    try:
+        stages = parse_stages(c.rl.ptst_stages) if c.rl.ptst_stages else []
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    return stages or [Stage(c.rollout.max_new_tokens, c.rollout.num_samples, c.total_steps)]
+
+
+def beta_schedule(c: ml_collections.ConfigDict):
+    if c.rl.beta_schedule == "constant":
+        return make_schedule("constant", beta=c.rl.beta)
+    if c.rl.beta_schedule == "othink_dynamic":
+        return make_schedule("othink_dynamic", beta_min=c.rl.beta_min, beta_max=c.rl.beta_max,
+                             total_steps=c.total_steps, warmup_fraction=c.rl.warmup_fraction)
+    if c.rl.beta_schedule == "linear":
+        return make_schedule("linear", beta_min=c.rl.beta_min, beta_max=c.rl.beta_max, total_steps=c.total_steps)
+    return make_schedule("cosine", beta_start=c.rl.beta_min, beta_end=c.rl.beta_max, total_steps=c.total_steps)
+
+
+def uses_kl(c: ml_collections.ConfigDict) -> bool:
+    """False when beta is 0 for the whole run: the reference model is then skipped."""
+    if c.rl.beta_schedule == "constant":
+        return c.rl.beta > 0
+    return c.rl.beta_max > 0
+
+
+# ---------------------------------------------------------------------------------------------- building
+def build_model(c: ml_collections.ConfigDict, mesh) -> tuple[Qwen2VL, Any]:
+    dtype = jnp.bfloat16 if c.model.dtype == "bfloat16" else jnp.float32
+    if c.model.hf_path:
+        model = load_pretrained(c.model.hf_path, dtype=dtype, mesh=mesh)
+        tokenizer = load_tokenizer(c.model.tokenizer_path or c.model.hf_path)
+        return model, tokenizer
+    tokenizer = load_tokenizer(c.model.tokenizer_path or None)
+    ids = special_token_ids(tokenizer)
+    cfg = Qwen2VLConfig.tiny(
+        vocab_size=len(tokenizer), hidden_size=c.model.tiny.hidden_size, num_layers=c.model.tiny.num_layers,
+        vision_depth=c.model.tiny.vision_depth, pad_token_id=ids["pad"], bos_token_id=ids["pad"],
+        eos_token_ids=(ids["eos"], ids["pad"]), image_token_id=ids["image_pad"], video_token_id=ids["video_pad"],
+        vision_start_token_id=ids["vision_start"], vision_end_token_id=ids["vision_end"])
+    model = Qwen2VL(cfg, rngs=nnx.Rngs(c.seed), dtype=dtype, param_dtype=dtype)
+    return sharding.shard_model(model, mesh), tokenizer
+
+
+def build_rows(c: ml_collections.ConfigDict, split: str):
+    files = c.data.train_files if split == "train" else c.data.eval_files
+    if files:
+        return RowSource([f.strip() for f in files.split(",") if f.strip()], c.data.fields,
+                         skip_bad_rows=c.data.skip_bad_rows)
+    num = c.data.num_train if split == "train" else c.data.num_eval
+    return TASKS[c.data.task](num, seed=c.seed, split="train" if split == "train" else "test",
+                              image_size=c.data.image_size)
+
+
+def reward_parts(completions: list[str], answers: list[str], timeout_s: float) -> tuple[np.ndarray, np.ndarray, dict]:
+    """(accuracy [N], format [N], runner stats): accuracy in worker processes with a deadline per sample."""
+    acc, stats = rw.score_batch(rw.accuracy_reward, completions, answers, timeout_s=timeout_s)
+    fmt = np.array([rw.format_reward(t) for t in completions], np.float32)
+    return acc, fmt, stats
+
+
+def combine_reward(kind: str, acc: np.ndarray, fmt: np.ndarray, alpha: float) -> np.ndarray:
+    if kind == "othink":
+        return acc + alpha * fmt
+    if kind == "hard":
+        return acc * fmt
+    return acc if kind == "accuracy" else fmt
+
+
+class MetricsWriter:
+    """JSONL (`<workdir>/metrics.jsonl`), TensorBoard event files (tensorboardX) and a console line."""
+
+    def __init__(self, workdir: str):
+        self.path = os.path.join(workdir, "metrics.jsonl")
+        self.file = open(self.path, "a")
+        try:
+            from tensorboardX import SummaryWriter
+            self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+        except ImportError:  # pragma: no cover - tensorboardX is a dependency
+            self.tb = None
+
+    def write(self, step: int, metrics: dict[str, float]) -> None:
+        self.file.write(json.dumps({"step": step, **metrics}) + "\n")
+        self.file.flush()
+        if self.tb is not None:
+            for k, v in metrics.items():
+                if isinstance(v, (int, float)) and math.isfinite(v):
+                    self.tb.add_scalar(k, v, step)
+            self.tb.flush()
+
+    def close(self) -> None:
+        self.file.close()
+        if self.tb is not None:
+            self.tb.close()
+
+
+# ---------------------------------------------------------------------------------------------- steps
+def rollout_batch(model, tokenizer, batch, stage: Stage, c, rng) -> tuple[dict, dict]:
+    """Sample G completions per prompt, score them, and build the update batch (device arrays)."""
+    g = stage.num_samples
+    ro = generate(model, batch.input_ids, batch.attention_mask, batch.pixel_values, batch.image_grid_thw,
+                  num_samples=g, max_new_tokens=stage.max_new_tokens, temperature=c.rollout.temperature,
+                  top_p=c.rollout.top_p, top_k=c.rollout.top_k, rng=rng)
+    tokens, mask = np.asarray(ro.tokens), np.asarray(ro.mask)
+    texts = tokenizer.batch_decode(np.where(mask > 0, tokens, tokenizer.pad_token_id), skip_special_tokens=True)
+    answers = [str(a) for a in np.repeat(batch.answers, g)]
+    acc, fmt, stats = reward_parts(texts, answers, c.rl.reward_timeout_s)
+    rewards = combine_reward(c.rl.reward, acc, fmt, c.rl.alpha)
+    adv = group_advantages(jnp.asarray(rewards), g, scale=c.rl.advantage_scale)
+    full_ids = np.concatenate([np.repeat(batch.input_ids, g, 0), tokens], 1)
+    full_mask = np.concatenate([np.repeat(batch.attention_mask, g, 0), mask], 1)
+    cfg = model.config
+    positions = prepare_inputs(cfg, full_ids, full_mask, np.repeat(batch.image_grid_thw, g, 0)).position_ids
+    prompt_extra = prepare_inputs(cfg, batch.input_ids, batch.attention_mask, batch.image_grid_thw)
+    device_batch = dict(input_ids=jnp.asarray(full_ids), attention_mask=jnp.asarray(full_mask),
+                        position_ids=jnp.asarray(positions), pixel_values=jnp.asarray(batch.pixel_values),
+                        patch_pos=jnp.asarray(prompt_extra.patch_pos), completion_mask=ro.mask,
+                        old_logps=ro.logprobs, advantages=adv)
+    info = dict(reward=float(rewards.mean()), accuracy=float(acc.mean()), format_rate=float(fmt.mean()),
+                completion_len=float(mask.sum(1).mean()), truncated_frac=float(np.asarray(ro.truncated).mean()),
+                reward_errors=int(stats.get("n_errors", 0)), reward_timeouts=int(stats.get("n_timeouts", 0)),
+                reward_std=float(rewards.std()), sample=texts[0][:200])
+    return device_batch, info
+
+
+def evaluate(model, tokenizer, rows, c, stage: Stage) -> dict[str, float]:
+    """Greedy rollouts on held-out rows: accuracy, format rate, mean completion length."""
+    ds = make_rl_dataset(rows, tokenizer=tokenizer, batch_size=c.data.batch_size, image_size=c.data.image_size,
+                         prompt_buckets=(c.data.prompt_bucket,), seed=c.seed, shuffle=False, num_epochs=1,
+                         question_template=c.data.question_template, pad_to_max_bucket=True)
+    accs, fmts, lens = [], [], []
+    for i, batch in enumerate(ds):
+        if i >= c.eval.num_batches:
+            break
+        ro = generate(model, batch.input_ids, batch.attention_mask, batch.pixel_values, batch.image_grid_thw,
+                      num_samples=1, max_new_tokens=stage.max_new_tokens, temperature=0.0)
+        tokens, mask = np.asarray(ro.tokens), np.asarray(ro.mask)
+        texts = tokenizer.batch_decode(np.where(mask > 0, tokens, tokenizer.pad_token_id), skip_special_tokens=True)
+        acc, fmt, _ = reward_parts(texts, [str(a) for a in batch.answers], c.rl.reward_timeout_s)
+        accs.append(acc)
+        fmts.append(fmt)
+        lens.append(mask.sum(1))
+    if not accs:
+        return {}
+    return {"eval_accuracy": float(np.concatenate(accs).mean()), "eval_format_rate": float(np.concatenate(fmts).mean()),
+            "eval_completion_len": float(np.concatenate(lens).mean())}
+
+
+# ---------------------------------------------------------------------------------------------- the loop
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+    """Run (or resume) training in `workdir`; returns the final metrics."""
+    c = config
+    stages = validate_config(c)
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+        f.write(c.to_json_best_effort(indent=2))
+    t_start = time.perf_counter()
+
+    def say(msg: str) -> None:
+        print(f"[{time.perf_counter() - t_start:7.1f}s] {msg}", flush=True)
+
+    # ---- mesh, model, reference
+    mesh = sharding.make_mesh(dict(c.mesh))
+    say(f"mesh {dict(mesh.shape)} on {jax.device_count()} {jax.devices()[0].platform} device(s); building model")
+    model, tokenizer = build_model(c, mesh)
+    graphdef, params = nnx.split(model)
+    n_params = sum(x.size for x in jax.tree.leaves(params))
+    kl_on = uses_kl(c)
+    ref_params = jax.tree.map(jnp.copy, params) if kl_on else None
+    say(f"model: {n_params:,} parameters ({c.model.dtype}); reference model {'kept' if kl_on else 'skipped (beta = 0)'}")
+
+    # ---- data
+    train_rows, eval_rows = build_rows(c, "train"), build_rows(c, "eval")
+    ds = make_rl_dataset(train_rows, tokenizer=tokenizer, batch_size=c.data.batch_size,
+                         image_size=c.data.image_size, prompt_buckets=(c.data.prompt_bucket,), seed=c.seed,
+                         question_template=c.data.question_template, pad_to_max_bucket=True,
+                         skip_bad_rows=c.data.skip_bad_rows)
+    data_iter = iter(ds)
+    say(f"data: {len(train_rows)} train rows, {len(eval_rows)} eval rows, {c.data.batch_size} prompts per step")
+
+    # ---- optimizer and schedules
+    lr = optax.warmup_constant_schedule(0.0, c.optim.learning_rate, c.optim.warmup_steps) \
+        if c.optim.warmup_steps else c.optim.learning_rate
+    tx = optax.chain(optax.clip_by_global_norm(c.optim.grad_clip),
+                     optax.adamw(lr, weight_decay=c.optim.weight_decay))
+    opt_state = sharding.place_on_mesh(tx.init(params), mesh)
+    beta_of = beta_schedule(c)
+
+    # ---- checkpoint / resume
+    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=c.checkpoint.max_to_keep,
+                        async_save=c.checkpoint.async_save)
+    rng = jax.random.key(c.seed)
+    start = 0
+    if ckpt.latest_step() is not None:
+        state = {"params": params, "opt_state": opt_state, "rng": jax.random.key_data(rng)}
+        restored, meta = ckpt.restore(None, state, data_iterator=data_iter)
+        params, opt_state = restored["params"], restored["opt_state"]
+        rng = jax.random.wrap_key_data(restored["rng"])
+        start = int(meta["step"])
+        nnx.update(model, params)
+        say(f"resumed from step {start} ({ckpt.directory})")
+
+    def save(step: int) -> None:
+        state = {"params": params, "opt_state": opt_state, "rng": jax.random.key_data(rng)}
+        ckpt.save(step, state, {"step": step, "beta": float(beta_of(step)), "stage": stage_at(stages, step)[0]},
+                  data_iterator=data_iter)
+
+    update_fn = jax.jit(grpo_update, static_argnames=("graphdef", "tx", "cfg"))
+    ref_fn = jax.jit(lambda p, b, **kw: completion_logprobs(nnx.merge(graphdef, p), b["input_ids"],
+                                                             b["attention_mask"], b["position_ids"],
+                                                             b["pixel_values"], b["patch_pos"], **kw),
+                     static_argnames=("prompt_len", "num_samples", "patch_segments"))
+    end = c.total_steps if c.max_steps < 0 else min(c.total_steps, start + c.max_steps)
+    writer = MetricsWriter(workdir)
+    last: dict[str, Any] = {}
+    step_times: list[float] = []
+    say(f"training steps {start} -> {end} of {c.total_steps}")
+    with PreemptionGuard() as guard:
+        step = start
+        while step < end:
+            t0 = time.perf_counter()
+            stage_idx, stage = stage_at(stages, step)
+            rng, sample_rng = jax.random.split(rng)
+            batch = next(data_iter)
+            dev_batch, info = rollout_batch(model, tokenizer, batch, stage, c, sample_rng)
+            t1 = time.perf_counter()
+            gcfg = GRPOConfig(num_samples=stage.num_samples, prompt_len=c.data.prompt_bucket, eps_low=c.rl.eps_low,
+                              eps_high=c.rl.eps_high, agg=c.rl.agg, kl_estimator=c.rl.kl_estimator,
+                              micro_batches=c.rl.micro_batches,
+                              patch_segments=c.data.batch_size // c.rl.micro_batches)
+            if kl_on:
+                dev_batch["ref_logps"] = ref_fn(ref_params, dev_batch, prompt_len=gcfg.prompt_len,
+                                                num_samples=gcfg.num_samples,
+                                                patch_segments=c.data.batch_size)
+            t2 = time.perf_counter()
+            beta = jnp.float32(beta_of(step))
+            for _ in range(c.rl.updates_per_batch):
+                params, opt_state, m = update_fn(graphdef, params, opt_state, dev_batch, beta, tx=tx, cfg=gcfg)
+            nnx.update(model, params)
+            m = {k: float(v) for k, v in m.items()}
+            t3 = time.perf_counter()
+            step += 1
+            step_times.append(t3 - t0)
+            eta = (end - step) * float(np.median(step_times[-10:]))
+            last = dict(info, **{k: m[k] for k in ("loss", "policy_loss", "beta", "grad_norm", "clip_frac")},
+                        kl=m.get("kl", 0.0), stage=stage_idx, time_rollout=t1 - t0, time_reference=t2 - t1,
+                        time_update=t3 - t2, time_step=t3 - t0)
+            sample = last.pop("sample")
+            writer.write(step, last)
+            if step % c.log_every == 0 or step == end:
+                say(f"step {step}/{end} reward {last['reward']:.3f} acc {last['accuracy']:.2f} "
+                    f"fmt {last['format_rate']:.2f} len {last['completion_len']:.1f} beta {last['beta']:.4f} "
+                    f"kl {last['kl']:.4f} | rollout {last['time_rollout']:.2f}s ref {last['time_reference']:.2f}s "
+                    f"update {last['time_update']:.2f}s | eta {eta:.0f}s")
+            if step == start + 1:
+                say(f"sample completion: {sample!r}")
+            if c.eval.every_steps and step % c.eval.every_steps == 0 and step < end:
+                ev = evaluate(model, tokenizer, eval_rows, c, stage)
+                writer.write(step, ev)
+                say("eval " + " ".join(f"{k} {v:.3f}" for k, v in ev.items()))
+            if guard.requested:
+                save(step)
+                ckpt.wait()
+                say(f"{guard.signal_name}: saved checkpoint at step {step}; exiting")
+                writer.close()
+                ckpt.close()
+                return last
+            if step % c.checkpoint.every_steps == 0 or is_stage_boundary(stages, step) or step == end:
+                save(step)
+    ev = evaluate(model, tokenizer, eval_rows, c, stage_at(stages, max(end - 1, 0))[1])
+    writer.write(end, ev)
+    say("final eval " + " ".join(f"{k} {v:.3f}" for k, v in ev.items()))
+    ckpt.close()
+    writer.close()
+    if c.export_hf and end == c.total_steps:
+        save_pretrained(model, os.path.join(workdir, "hf"))
+        tokenizer.save_pretrained(os.path.join(workdir, "hf"))
+        say(f"exported Hugging Face directory {os.path.join(workdir, 'hf')}")
+    rw.close_default_runner()
+    return dict(last, **ev)
+
+
+def main(argv: list[str]) -> None:
+    del argv
+    from absl import flags, logging
+
+    logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
+
+    train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir)
+
+
+if __name__ == "__main__":
+    from absl import app, flags
+    from ml_collections import config_flags
+
+    config_flags.DEFINE_config_file("config", "configs/grpo.py", "training config file", lock_config=True)
+    flags.DEFINE_string("workdir", "/tmp/mr1jax", "where checkpoints, metrics and exports go")
+    app.run(main)
