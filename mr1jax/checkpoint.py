@@ -39,7 +39,9 @@ def _flat_shapes(tree: Any) -> dict[str, tuple[int, ...]]:
     out = {}
     for path, leaf in jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: hasattr(x, "shape"))[0]:
         shape = getattr(leaf, "shape", None)
-        out["/".join(_key_name(k) for k in path)] = tuple(shape) if shape is not None else ()
+        name = "/".join(_key_name(k) for k in path)
+        name = name[:-len("/value")] if name.endswith("/value") else name  # nnx Variables may carry a 'value' key
+        out[name] = tuple(shape) if shape is not None else ()
     return out
 
 

@@ -120,7 +120,7 @@ def grpo_update(graphdef: nnx.GraphDef, params: nnx.State, opt_state: Any, batch
     updates, opt_state = tx.update(g0, opt_state, params)
     params = optax.apply_updates(params, updates)
     metrics = finalize_loss_stats(s0)
-    metrics["grad_norm"] = optax.global_norm(g0)
+    metrics["grad_norm"] = optax.tree.norm(g0)
     metrics["beta"] = jnp.asarray(beta, jnp.float32)
     return params, opt_state, metrics
 
@@ -158,4 +158,4 @@ def sft_update(graphdef: nnx.GraphDef, params: nnx.State, opt_state: Any, batch:
     (loss, n), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
     updates, opt_state = tx.update(grads, opt_state, params)
     params = optax.apply_updates(params, updates)
-    return params, opt_state, {"loss": loss, "tokens": n, "grad_norm": optax.global_norm(grads)}
+    return params, opt_state, {"loss": loss, "tokens": n, "grad_norm": optax.tree.norm(grads)}

@@ -1,0 +1,124 @@
+"""The training command: config validation, a tiny end-to-end GRPO run, exact resume, SIGTERM."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from configs.grpo import get_config
+from mr1jax.checkpoint import Checkpointer
+from mr1jax.train import ConfigError, train_and_evaluate, validate_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def tiny_config(**overrides):
+    c = get_config()
+    c.total_steps = 4
+    c.data.num_train, c.data.num_eval, c.data.batch_size = 8, 4, 2
+    c.data.image_size, c.data.prompt_bucket = 28, 64
+    c.rollout.num_samples, c.rollout.max_new_tokens = 2, 6
+    c.eval.every_steps, c.eval.num_batches = 0, 1
+    c.checkpoint.every_steps = 2
+    c.checkpoint.async_save = False
+    c.export_hf = False
+    for k, v in overrides.items():
+        node = c
+        *parents, leaf = k.split(".")
+        for p in parents:
+            node = node[p]
+        node[leaf] = v
+    return c
+
+
+@pytest.mark.parametrize("field, value, match", [
+    ("rl.agg", "mean", r"config.rl.agg = 'mean'; allowed values: seq_mean_token_mean, token_mean, dr_grpo"),
+    ("rl.kl_estimator", "k4", r"config.rl.kl_estimator = 'k4'; allowed values: k1, k2, k3"),
+    ("rl.beta_schedule", "vshape", r"allowed values: constant, othink_dynamic, linear, cosine"),
+    ("data.image_size", 30, r"config.data.image_size = 30 must be a multiple of 28"),
+    ("rollout.num_samples", 0, r"config.rollout.num_samples must be a positive integer, got 0"),
+    ("rl.micro_batches", 3, r"config.rl.micro_batches = 3 must divide config.data.batch_size = 2"),
+    ("rl.ptst_stages", "16x4", r"rl.ptst_stages: cannot parse '16x4'"),
+    ("rollout.top_p", 0.0, r"0 < top_p <= 1"),
+])
+def test_bad_config_names_field_before_compiling(field, value, match):
+    with pytest.raises(ConfigError, match=match):
+        validate_config(tiny_config(**{field: value}))
+
+
+def _params(workdir):
+    ck = Checkpointer(os.path.join(workdir, "checkpoints"), async_save=False)
+    step = ck.latest_step()
+    meta = ck.manager.item_metadata(step)["state"]
+    abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), meta,
+                            is_leaf=lambda m: hasattr(m, "shape"))
+    state, _ = ck.restore(step, abstract)
+    ck.close()
+    return step, {jax.tree_util.keystr(p): np.asarray(v) for p, v in jax.tree_util.tree_leaves_with_path(state)}
+
+
+def test_tiny_run_writes_metrics_checkpoints_and_export(tmp_path):
+    c = tiny_config(total_steps=2, export_hf=True)
+    out = train_and_evaluate(c, str(tmp_path))
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if "loss" in r]
+    assert [r["step"] for r in steps] == [1, 2]
+    for r in steps:
+        for key in ("reward", "accuracy", "format_rate", "beta", "kl", "completion_len", "time_rollout",
+                    "time_reference", "time_update"):
+            assert np.isfinite(r[key]), key
+    assert steps[0]["beta"] == pytest.approx(0.07)          # OThink V-shape starts at beta_mid
+    assert "eval_accuracy" in rows[-1] and "eval_accuracy" in out
+    assert list((tmp_path / "tensorboard").iterdir())
+    from mr1jax.models.qwen2_vl.hf import load_pretrained
+    model = load_pretrained(tmp_path / "hf")
+    assert model.config.text.hidden_size == c.model.tiny.hidden_size
+    step, _ = _params(tmp_path)
+    assert step == 2
+
+
+def test_resume_is_exact(tmp_path):
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    train_and_evaluate(tiny_config(), str(straight))
+    train_and_evaluate(tiny_config(max_steps=2), str(split))
+    assert _params(split)[0] == 2
+    train_and_evaluate(tiny_config(), str(split))              # resumes at step 2
+    (s1, a), (s2, b) = _params(straight), _params(split)
+    assert s1 == s2 == 4 and a.keys() == b.keys()
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+    log = lambda d: [(r["step"], r["reward"], r["completion_len"])  # noqa: E731
+                     for r in map(json.loads, (d / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+    assert log(straight) == log(split)                         # same data order and rollouts
+
+
+def test_sigterm_saves_a_loadable_checkpoint(tmp_path):
+    args = [sys.executable, "-m", "mr1jax.train", "--config=configs/grpo.py", f"--workdir={tmp_path}",
+            "--config.total_steps=200", "--config.data.batch_size=2", "--config.data.image_size=28",
+            "--config.rollout.num_samples=2", "--config.rollout.max_new_tokens=6", "--config.eval.every_steps=0",
+            "--config.checkpoint.every_steps=1000"]
+    proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    lines = []
+    deadline = time.time() + 300
+    for line in proc.stdout:
+        lines.append(line)
+        if "step 2/" in line:
+            proc.send_signal(signal.SIGTERM)
+            break
+        assert time.time() < deadline, "".join(lines)
+    rest, _ = proc.communicate(timeout=300)
+    output = "".join(lines) + rest
+    assert proc.returncode == 0, output
+    assert "SIGTERM: saved checkpoint" in output
+    step, params = _params(tmp_path)
+    assert 2 <= step < 200 and params
