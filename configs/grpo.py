@@ -16,6 +16,7 @@ import ml_collections
 def get_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.seed = 0
+    c.mode = "grpo"             # grpo | sft | sft_then_grpo (Vision-R1: cold-start SFT, then RL)
     c.max_steps = -1            # stop after this many steps of this run without changing any schedule
     c.total_steps = 20          # the schedule length (KL V-shape, learning rate)
     c.log_every = 1
@@ -42,7 +43,7 @@ def get_config() -> ml_collections.ConfigDict:
 
     c.rollout = ml_collections.ConfigDict()
     c.rollout.num_samples = 4   # G completions per prompt
-    c.rollout.max_new_tokens = 16
+    c.rollout.max_new_tokens = 24
     c.rollout.temperature = 1.0
     c.rollout.top_p = 1.0
     c.rollout.top_k = 0
@@ -70,6 +71,11 @@ def get_config() -> ml_collections.ConfigDict:
     c.optim.warmup_steps = 0
     c.optim.weight_decay = 0.0
     c.optim.grad_clip = 1.0
+
+    c.sft = ml_collections.ConfigDict()
+    c.sft.steps = 0             # cold-start SFT steps (modes sft / sft_then_grpo); total = sft.steps + total_steps
+    c.sft.learning_rate = 5e-3
+    c.sft.warmup_fraction = 0.05
 
     c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
 

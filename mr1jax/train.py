@@ -26,6 +26,7 @@ from mr1jax import sharding
 from mr1jax.checkpoint import Checkpointer, PreemptionGuard
 from mr1jax.data.pipeline import make_rl_dataset
 from mr1jax.data.rows import RowSource
+from mr1jax.data.sft import sft_batch, sft_examples_for_step
 from mr1jax.data.tasks import TASKS
 from mr1jax.data.tokenizer import load_tokenizer, special_token_ids
 from mr1jax.models.qwen2_vl import Qwen2VL, Qwen2VLConfig, prepare_inputs
@@ -33,7 +34,7 @@ from mr1jax.models.qwen2_vl.hf import load_pretrained, save_pretrained
 from mr1jax.rl import group_advantages, make_schedule
 from mr1jax.rl import rewards as rw
 from mr1jax.rl.ptst import Stage, is_stage_boundary, parse_stages, stage_at
-from mr1jax.rl.update import GRPOConfig, completion_logprobs, grpo_update
+from mr1jax.rl.update import GRPOConfig, completion_logprobs, grpo_update, sft_update
 from mr1jax.sampling import generate
 
 
@@ -49,6 +50,7 @@ CHOICES = {
     "rl.advantage_scale": ("group", "batch", "none"),
     "rl.reward": ("othink", "hard", "accuracy", "format"),
     "data.task": tuple(TASKS),
+    "mode": ("grpo", "sft", "sft_then_grpo"),
 }
 POSITIVE = ("total_steps", "data.batch_size", "data.prompt_bucket", "data.image_size", "rollout.num_samples",
             "rollout.max_new_tokens", "rl.updates_per_batch", "rl.micro_batches", "checkpoint.every_steps",
@@ -70,6 +72,8 @@ def validate_config(c: ml_collections.ConfigDict) -> list[Stage]:
         value = _get(c, field)
         if not isinstance(value, int) or value < 1:
             raise ConfigError(f"config.{field} must be a positive integer, got {value!r}")
+    if c.mode != "grpo" and c.sft.steps < 1:
+        raise ConfigError(f"config.mode = {c.mode!r} needs config.sft.steps >= 1, got {c.sft.steps}")
     if c.data.image_size % 28:
         raise ConfigError(f"config.data.image_size = {c.data.image_size} must be a multiple of 28")
     if c.data.batch_size % c.rl.micro_batches:
@@ -103,6 +107,17 @@ def beta_schedule(c: ml_collections.ConfigDict):
     if c.rl.beta_schedule == "linear":
         return make_schedule("linear", beta_min=c.rl.beta_min, beta_max=c.rl.beta_max, total_steps=c.total_steps)
     return make_schedule("cosine", beta_start=c.rl.beta_min, beta_end=c.rl.beta_max, total_steps=c.total_steps)
+
+
+def phase_steps(c: ml_collections.ConfigDict) -> tuple[int, int]:
+    """(SFT steps, RL steps). Global step s < sft_steps is SFT; RL step = s - sft_steps."""
+    sft = c.sft.steps if c.mode != "grpo" else 0
+    return sft, (c.total_steps if c.mode != "sft" else 0)
+
+
+def make_optimizer(lr, c: ml_collections.ConfigDict) -> optax.GradientTransformation:
+    """One optimizer structure for both phases (so checkpoints of either phase have the same tree)."""
+    return optax.chain(optax.clip_by_global_norm(c.optim.grad_clip), optax.adamw(lr, weight_decay=c.optim.weight_decay))
 
 
 def uses_kl(c: ml_collections.ConfigDict) -> bool:
@@ -266,48 +281,105 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     data_iter = iter(ds)
     say(f"data: {len(train_rows)} train rows, {len(eval_rows)} eval rows, {c.data.batch_size} prompts per step")
 
-    # ---- optimizer and schedules
+    # ---- optimizers and schedules (SFT: warmup + cosine; RL: constant after optional warmup)
+    sft_steps, rl_steps = phase_steps(c)
     lr = optax.warmup_constant_schedule(0.0, c.optim.learning_rate, c.optim.warmup_steps) \
         if c.optim.warmup_steps else c.optim.learning_rate
-    tx = optax.chain(optax.clip_by_global_norm(c.optim.grad_clip),
-                     optax.adamw(lr, weight_decay=c.optim.weight_decay))
-    opt_state = sharding.place_on_mesh(tx.init(params), mesh)
+    tx = make_optimizer(lr, c)
+    sft_tx = make_optimizer(optax.warmup_cosine_decay_schedule(
+        0.0, c.sft.learning_rate, max(1, int(c.sft.warmup_fraction * sft_steps)), max(sft_steps, 2)), c) \
+        if sft_steps else None
+    opt_state = sharding.place_on_mesh((sft_tx or tx).init(params), mesh)
     beta_of = beta_schedule(c)
+    total = sft_steps + rl_steps
+    keep_ref = kl_on and sft_steps > 0 and rl_steps > 0   # reference = the model after SFT: checkpoint it
 
     # ---- checkpoint / resume
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=c.checkpoint.max_to_keep,
                         async_save=c.checkpoint.async_save)
     rng = jax.random.key(c.seed)
     start = 0
-    if ckpt.latest_step() is not None:
+
+    def state_tree() -> dict[str, Any]:
         state = {"params": params, "opt_state": opt_state, "rng": jax.random.key_data(rng)}
-        restored, meta = ckpt.restore(None, state, data_iterator=data_iter)
+        if keep_ref:
+            state["ref_params"] = ref_params
+        return state
+
+    if ckpt.latest_step() is not None:
+        restored, meta = ckpt.restore(None, state_tree(), data_iterator=data_iter)
         params, opt_state = restored["params"], restored["opt_state"]
+        ref_params = restored.get("ref_params", ref_params)
         rng = jax.random.wrap_key_data(restored["rng"])
         start = int(meta["step"])
         nnx.update(model, params)
         say(f"resumed from step {start} ({ckpt.directory})")
 
     def save(step: int) -> None:
-        state = {"params": params, "opt_state": opt_state, "rng": jax.random.key_data(rng)}
-        ckpt.save(step, state, {"step": step, "beta": float(beta_of(step)), "stage": stage_at(stages, step)[0]},
-                  data_iterator=data_iter)
+        rl_step = max(step - sft_steps, 0)
+        ckpt.save(step, state_tree(), {"step": step, "beta": float(beta_of(rl_step)),
+                                       "stage": stage_at(stages, rl_step)[0], "phase": "sft" if step < sft_steps
+                                       else "rl"}, data_iterator=data_iter)
 
     update_fn = jax.jit(grpo_update, static_argnames=("graphdef", "tx", "cfg"))
     ref_fn = jax.jit(lambda p, b, **kw: completion_logprobs(nnx.merge(graphdef, p), b["input_ids"],
                                                              b["attention_mask"], b["position_ids"],
                                                              b["pixel_values"], b["patch_pos"], **kw),
                      static_argnames=("prompt_len", "num_samples", "patch_segments"))
-    end = c.total_steps if c.max_steps < 0 else min(c.total_steps, start + c.max_steps)
+    sft_fn = jax.jit(sft_update, static_argnames=("graphdef", "tx", "patch_segments"))
+    end = total if c.max_steps < 0 else min(total, start + c.max_steps)
+    sft_rows = train_rows
+    sft_len = c.data.prompt_bucket + max(s.max_new_tokens for s in stages)
+
+    def sft_phase_step(step: int):
+        t0 = time.perf_counter()
+        examples = sft_examples_for_step(sft_rows, step, c.data.batch_size, c.seed)
+        b = sft_batch(tokenizer, examples, image_size=c.data.image_size, seq_len=sft_len,
+                      question_template=c.data.question_template)
+        extra = prepare_inputs(model.config, b["input_ids"], b["attention_mask"], b["image_grid_thw"])
+        dev = dict(input_ids=jnp.asarray(b["input_ids"]), attention_mask=jnp.asarray(b["attention_mask"]),
+                   loss_mask=jnp.asarray(b["loss_mask"]), position_ids=jnp.asarray(extra.position_ids),
+                   pixel_values=jnp.asarray(b["pixel_values"]), patch_pos=jnp.asarray(extra.patch_pos))
+        new_params, new_opt, m = sft_fn(graphdef, params, opt_state, dev, tx=sft_tx,
+                                        patch_segments=c.data.batch_size)
+        nnx.update(model, new_params)
+        return new_params, new_opt, {"sft_loss": float(m["loss"]), "grad_norm": float(m["grad_norm"]),
+                                     "time_step": time.perf_counter() - t0}
+
     writer = MetricsWriter(workdir)
     last: dict[str, Any] = {}
     step_times: list[float] = []
-    say(f"training steps {start} -> {end} of {c.total_steps}")
+    say(f"training steps {start} -> {end} of {total} ({sft_steps} SFT + {rl_steps} RL)")
     with PreemptionGuard() as guard:
         step = start
         while step < end:
             t0 = time.perf_counter()
-            stage_idx, stage = stage_at(stages, step)
+            if step < sft_steps:
+                params, opt_state, last = sft_phase_step(step)
+                step += 1
+                step_times.append(time.perf_counter() - t0)
+                writer.write(step, last)
+                if step % c.log_every == 0 or step == sft_steps:
+                    say(f"sft step {step}/{end} loss {last['sft_loss']:.4f} grad_norm {last['grad_norm']:.3f} "
+                        f"| {last['time_step']:.2f}s | eta {(end - step) * float(np.median(step_times[-10:])):.0f}s")
+                if step == sft_steps and rl_steps:
+                    # RL starts from the SFT model: it becomes the frozen reference; fresh optimizer state
+                    ref_params = jax.tree.map(jnp.copy, params) if kl_on else None
+                    opt_state = sharding.place_on_mesh(tx.init(params), mesh)
+                    ev = evaluate(model, tokenizer, eval_rows, c, stages[0])
+                    writer.write(step, {f"sft_{k}": v for k, v in ev.items()})
+                    say("after SFT: " + " ".join(f"{k} {v:.3f}" for k, v in ev.items()))
+                if guard.requested or step % c.checkpoint.every_steps == 0 or step == end or step == sft_steps:
+                    save(step)
+                if guard.requested:
+                    ckpt.wait()
+                    say(f"{guard.signal_name}: saved checkpoint at step {step}; exiting")
+                    writer.close()
+                    ckpt.close()
+                    return last
+                continue
+            rl_step = step - sft_steps
+            stage_idx, stage = stage_at(stages, rl_step)
             rng, sample_rng = jax.random.split(rng)
             batch = next(data_iter)
             dev_batch, info = rollout_batch(model, tokenizer, batch, stage, c, sample_rng)
@@ -321,7 +393,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                                                 num_samples=gcfg.num_samples,
                                                 patch_segments=c.data.batch_size)
             t2 = time.perf_counter()
-            beta = jnp.float32(beta_of(step))
+            beta = jnp.float32(beta_of(rl_step))
             for _ in range(c.rl.updates_per_batch):
                 params, opt_state, m = update_fn(graphdef, params, opt_state, dev_batch, beta, tx=tx, cfg=gcfg)
             nnx.update(model, params)
@@ -353,14 +425,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 writer.close()
                 ckpt.close()
                 return last
-            if step % c.checkpoint.every_steps == 0 or is_stage_boundary(stages, step) or step == end:
+            if step % c.checkpoint.every_steps == 0 or is_stage_boundary(stages, step - sft_steps) or step == end:
                 save(step)
-    ev = evaluate(model, tokenizer, eval_rows, c, stage_at(stages, max(end - 1, 0))[1])
+    ev = evaluate(model, tokenizer, eval_rows, c, stage_at(stages, max(end - 1 - sft_steps, 0))[1])
     writer.write(end, ev)
     say("final eval " + " ".join(f"{k} {v:.3f}" for k, v in ev.items()))
     ckpt.close()
     writer.close()
-    if c.export_hf and end == c.total_steps:
+    if c.export_hf and end == total:
         save_pretrained(model, os.path.join(workdir, "hf"))
         tokenizer.save_pretrained(os.path.join(workdir, "hf"))
         say(f"exported Hugging Face directory {os.path.join(workdir, 'hf')}")

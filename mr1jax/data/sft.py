@@ -1,0 +1,73 @@
+"""Supervised (cold-start) batches: image + question -> assistant response, loss on the response only.
+
+Vision-R1's first stage fine-tunes on chain-of-thought responses in the `<think>...</think><answer>...</answer>`
+layout. A batch here is the chat prompt (system + user turn with the image, generation prompt) followed by
+the response and `<|im_end|>`, left-padded to one fixed length so every batch has the same shapes.
+
+Batches are a pure function of (rows, seed, step): batch k of epoch e takes a seeded permutation of the rows,
+so resuming at any step reproduces the same data order without iterator state.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from mr1jax.data.chat import IMAGE_PAD_TOKEN, build_messages
+from mr1jax.data.rows import DataError
+from mr1jax.data.vision import num_image_tokens, preprocess_images
+
+
+def reasoning_trace(example: dict[str, Any]) -> str:
+    """A minimal response for rows that only carry a short answer: a one-line `<think>`, then the answer.
+    Real cold-start data provides its own chain-of-thought responses (pass `response_fn`)."""
+    return f"<think>I look at the image.</think><answer>{example['answer']}</answer>"
+
+
+def sft_batch(tokenizer: Any, examples: Sequence[dict[str, Any]], *, image_size: int, seq_len: int,
+              response_fn: Callable[[dict[str, Any]], str] = reasoning_trace,
+              question_template: str = "{question}") -> dict[str, np.ndarray]:
+    """One batch.
+
+    Returns:
+      input_ids, attention_mask, loss_mask: [B, seq_len] int32 (loss_mask = 1 on response tokens and the
+      closing <|im_end|>); pixel_values [B * P, 1176] float32; image_grid_thw [B, 3].
+    Raises DataError naming the example when its prompt + response does not fit `seq_len`.
+    """
+    pixel_values, grid = preprocess_images([e["image"] for e in examples], fixed_size=(image_size, image_size))
+    counts = num_image_tokens(grid)
+    eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    rows = []
+    for e, n in zip(examples, counts):
+        question = question_template.replace("{question}", e["question"])
+        text = tokenizer.apply_chat_template(build_messages(question), tokenize=False, add_generation_prompt=True)
+        text = text.replace(IMAGE_PAD_TOKEN, IMAGE_PAD_TOKEN * int(n), 1)
+        prompt = tokenizer(text, add_special_tokens=False)["input_ids"]
+        response = tokenizer(response_fn(e), add_special_tokens=False)["input_ids"] + [eos]
+        if len(prompt) + len(response) > seq_len:
+            raise DataError(e.get("file", "<in-memory rows>"), e.get("row"), None,
+                            f"SFT example {e.get('id', '?')}: prompt + response is {len(prompt) + len(response)} "
+                            f"tokens, more than data.prompt_bucket + rollout.max_new_tokens = {seq_len}")
+        rows.append((prompt, response))
+    b = len(rows)
+    input_ids = np.full((b, seq_len), tokenizer.pad_token_id, np.int32)
+    attention_mask = np.zeros((b, seq_len), np.int32)
+    loss_mask = np.zeros((b, seq_len), np.int32)
+    for i, (prompt, response) in enumerate(rows):
+        seq = prompt + response
+        input_ids[i, seq_len - len(seq):] = seq
+        attention_mask[i, seq_len - len(seq):] = 1
+        loss_mask[i, seq_len - len(response):] = 1
+    return dict(input_ids=input_ids, attention_mask=attention_mask, loss_mask=loss_mask,
+                pixel_values=pixel_values, image_grid_thw=grid)
+
+
+def sft_examples_for_step(rows: Sequence[dict[str, Any]], step: int, batch_size: int, seed: int) -> list[dict]:
+    """The examples of batch `step`: consecutive slices of a per-epoch seeded permutation (drop remainder)."""
+    per_epoch = len(rows) // batch_size
+    if per_epoch == 0:
+        raise ValueError(f"{len(rows)} SFT rows do not fill one batch of {batch_size}")
+    epoch, k = divmod(step, per_epoch)
+    order = np.random.default_rng([seed, epoch]).permutation(len(rows))
+    return [rows[int(i)] for i in order[k * batch_size:(k + 1) * batch_size]]
