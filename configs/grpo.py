@@ -62,7 +62,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.rl.reward = "othink"      # othink (acc + alpha*format) | hard (Vision-R1 HFRRF) | accuracy | format
     c.rl.alpha = 1.0
     c.rl.reward_timeout_s = 5.0
-    c.rl.updates_per_batch = 1  # mu
+    c.rl.updates_per_batch = 1  # mu: passes over each rollout batch (> 1 makes clipping matter)
+    c.rl.minibatches = 1        # optimizer steps per pass, each on a shuffled subset of prompt groups
     c.rl.micro_batches = 1      # gradient accumulation over prompt groups
     c.rl.ptst_stages = ""       # Vision-R1 PTST, e.g. "16x4:10,32x2:10" (max_new_tokens x G : steps)
 

@@ -88,6 +88,9 @@ class Checkpointer:
         step = self.latest_step() if step is None else step
         if step is None:
             raise FileNotFoundError(f"no checkpoint in {self.directory}")
+        if step not in self.all_steps():
+            raise FileNotFoundError(f"no checkpoint for step {step} in {self.directory}; available steps: "
+                                    f"{self.all_steps()}")
         self._check_compatible(step, abstract_state)
         target = jax.tree.map(ocp.utils.to_shape_dtype_struct, abstract_state)
         items = {"state": ocp.args.StandardRestore(target), "meta": ocp.args.JsonRestore()}

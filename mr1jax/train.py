@@ -53,7 +53,7 @@ CHOICES = {
     "mode": ("grpo", "sft", "sft_then_grpo"),
 }
 POSITIVE = ("total_steps", "data.batch_size", "data.prompt_bucket", "data.image_size", "rollout.num_samples",
-            "rollout.max_new_tokens", "rl.updates_per_batch", "rl.micro_batches", "checkpoint.every_steps",
+            "rollout.max_new_tokens", "rl.updates_per_batch", "rl.minibatches", "rl.micro_batches", "checkpoint.every_steps",
             "checkpoint.max_to_keep", "log_every")
 
 
@@ -76,9 +76,10 @@ def validate_config(c: ml_collections.ConfigDict) -> list[Stage]:
         raise ConfigError(f"config.mode = {c.mode!r} needs config.sft.steps >= 1, got {c.sft.steps}")
     if c.data.image_size % 28:
         raise ConfigError(f"config.data.image_size = {c.data.image_size} must be a multiple of 28")
-    if c.data.batch_size % c.rl.micro_batches:
-        raise ConfigError(f"config.rl.micro_batches = {c.rl.micro_batches} must divide config.data.batch_size "
-                          f"= {c.data.batch_size} (micro-batches split whole prompt groups)")
+    if c.data.batch_size % (c.rl.minibatches * c.rl.micro_batches):
+        raise ConfigError(f"config.rl.minibatches x config.rl.micro_batches = {c.rl.minibatches} x "
+                          f"{c.rl.micro_batches} must divide config.data.batch_size = {c.data.batch_size} "
+                          "(both split whole prompt groups)")
     if not 0 < c.rollout.top_p <= 1 or c.rollout.temperature < 0 or c.rollout.top_k < 0:
         raise ConfigError("config.rollout needs 0 < top_p <= 1, temperature >= 0 and top_k >= 0, got "
                           f"top_p={c.rollout.top_p}, temperature={c.rollout.temperature}, top_k={c.rollout.top_k}")
@@ -224,6 +225,20 @@ def rollout_batch(model, tokenizer, batch, stage: Stage, c, rng) -> tuple[dict, 
                 reward_errors=int(stats.get("n_errors", 0)), reward_timeouts=int(stats.get("n_timeouts", 0)),
                 reward_std=float(rewards.std()), sample=texts[0][:200])
     return device_batch, info
+
+
+def select_groups(batch: dict[str, jax.Array], groups: np.ndarray, g: int, prompts: int) -> dict[str, jax.Array]:
+    """The rows (and per-prompt images) of prompt groups `groups` from an update batch of `prompts` prompts."""
+    rows = (groups[:, None] * g + np.arange(g)).reshape(-1)
+    out = {}
+    for k, v in batch.items():
+        if k == "position_ids":
+            out[k] = v[:, rows]
+        elif k in ("pixel_values", "patch_pos"):
+            out[k] = v.reshape(prompts, -1, v.shape[-1])[groups].reshape(-1, v.shape[-1])
+        else:
+            out[k] = v[rows]
+    return out
 
 
 def evaluate(model, tokenizer, rows, c, stage: Stage) -> dict[str, float]:
@@ -384,18 +399,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             batch = next(data_iter)
             dev_batch, info = rollout_batch(model, tokenizer, batch, stage, c, sample_rng)
             t1 = time.perf_counter()
+            per_mb = c.data.batch_size // c.rl.minibatches          # prompts per optimizer step
             gcfg = GRPOConfig(num_samples=stage.num_samples, prompt_len=c.data.prompt_bucket, eps_low=c.rl.eps_low,
                               eps_high=c.rl.eps_high, agg=c.rl.agg, kl_estimator=c.rl.kl_estimator,
-                              micro_batches=c.rl.micro_batches,
-                              patch_segments=c.data.batch_size // c.rl.micro_batches)
+                              micro_batches=c.rl.micro_batches, patch_segments=per_mb // c.rl.micro_batches)
             if kl_on:
                 dev_batch["ref_logps"] = ref_fn(ref_params, dev_batch, prompt_len=gcfg.prompt_len,
                                                 num_samples=gcfg.num_samples,
                                                 patch_segments=c.data.batch_size)
             t2 = time.perf_counter()
             beta = jnp.float32(beta_of(rl_step))
+            # mu passes over the rollout batch, each over shuffled mini-batches of whole prompt groups
+            order_rng = np.random.default_rng([c.seed, step])
             for _ in range(c.rl.updates_per_batch):
-                params, opt_state, m = update_fn(graphdef, params, opt_state, dev_batch, beta, tx=tx, cfg=gcfg)
+                for groups in np.split(order_rng.permutation(c.data.batch_size), c.rl.minibatches):
+                    sub = dev_batch if c.rl.minibatches == 1 else select_groups(
+                        dev_batch, np.sort(groups), stage.num_samples, c.data.batch_size)
+                    params, opt_state, m = update_fn(graphdef, params, opt_state, sub, beta, tx=tx, cfg=gcfg)
             nnx.update(model, params)
             m = {k: float(v) for k, v in m.items()}
             t3 = time.perf_counter()

@@ -46,7 +46,8 @@ def tiny_config(**overrides):
     ("rl.beta_schedule", "vshape", r"allowed values: constant, othink_dynamic, linear, cosine"),
     ("data.image_size", 30, r"config.data.image_size = 30 must be a multiple of 28"),
     ("rollout.num_samples", 0, r"config.rollout.num_samples must be a positive integer, got 0"),
-    ("rl.micro_batches", 3, r"config.rl.micro_batches = 3 must divide config.data.batch_size = 2"),
+    ("rl.micro_batches", 3, r"config.rl.minibatches x config.rl.micro_batches = 1 x 3 must divide "
+                            r"config.data.batch_size = 2"),
     ("rl.ptst_stages", "16x4", r"rl.ptst_stages: cannot parse '16x4'"),
     ("rollout.top_p", 0.0, r"0 < top_p <= 1"),
 ])

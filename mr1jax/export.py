@@ -1,0 +1,63 @@
+"""Convert a training checkpoint into a Hugging Face directory that `transformers` loads.
+
+    python -m mr1jax.export --workdir=DIR [--step=N] [--out=DIR/hf-N] [--dtype=bfloat16]
+
+The model structure comes from the run's own `DIR/config.json` (the training config), so a checkpoint
+restores onto exactly the model it was trained with.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from flax import nnx
+
+from mr1jax.checkpoint import Checkpointer
+from mr1jax.models.qwen2_vl.hf import save_pretrained
+
+
+def export_checkpoint(workdir: str, step: int | None = None, out: str | None = None,
+                      dtype: str | None = None) -> str:
+    """Write checkpoint `step` (default: latest) of the run in `workdir` as a HF directory; returns its path."""
+    from mr1jax import sharding
+    from mr1jax.train import build_model
+
+    with open(os.path.join(workdir, "config.json")) as f:
+        config = ml_collections.ConfigDict(json.load(f))
+    model, tokenizer = build_model(config, sharding.make_mesh({"data": 1, "fsdp": -1, "tensor": 1}))
+    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), async_save=False)
+    step = ckpt.latest_step() if step is None else step
+    if step not in ckpt.all_steps():
+        raise FileNotFoundError(f"no checkpoint for step {step} under {workdir}/checkpoints; "
+                                f"available steps: {ckpt.all_steps()}")
+    params = nnx.state(model, nnx.Param)
+    meta = ckpt.manager.item_metadata(step)["state"]
+    abstract = {k: v for k, v in jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), meta,
+                                              is_leaf=lambda m: hasattr(m, "shape")).items() if k != "params"}
+    abstract["params"] = params
+    state, _ = ckpt.restore(step, abstract)
+    ckpt.close()
+    nnx.update(model, state["params"])
+    out = out or os.path.join(workdir, f"hf-{step}")
+    save_pretrained(model, out, save_dtype=jnp.dtype(dtype) if dtype else None)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workdir", required=True)
+    parser.add_argument("--step", type=int, default=None)
+    parser.add_argument("--out", default=None)
+    parser.add_argument("--dtype", default=None, choices=[None, "float32", "bfloat16"])
+    args = parser.parse_args(argv)
+    print(export_checkpoint(args.workdir, args.step, args.out, args.dtype))
+
+
+if __name__ == "__main__":
+    main()
