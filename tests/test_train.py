@@ -123,3 +123,46 @@ def test_sigterm_saves_a_loadable_checkpoint(tmp_path):
     assert "SIGTERM: saved checkpoint" in output
     step, params = _params(tmp_path)
     assert 2 <= step < 200 and params
+
+
+def test_sft_then_grpo_with_ptst_stages_and_export(tmp_path):
+    """Cold-start SFT, then RL over two PTST stages; checkpoints at the SFT end and stage boundary; export."""
+    from mr1jax import sampling
+    from mr1jax.export import export_checkpoint
+
+    c = tiny_config(mode="sft_then_grpo", total_steps=4, **{"sft.steps": 2, "rl.ptst_stages": "6x2:2,12x1:2",
+                                                            "checkpoint.every_steps": 100,
+                                                            "checkpoint.max_to_keep": 10})
+    before = sampling.compile_count()
+    train_and_evaluate(c, str(tmp_path))
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    sft = [r for r in rows if "sft_loss" in r]
+    rl = [r for r in rows if "loss" in r]
+    assert [r["step"] for r in sft] == [1, 2] and [r["step"] for r in rl] == [3, 4, 5, 6]
+    assert [r["stage"] for r in rl] == [0, 0, 1, 1]
+    assert max(r["completion_len"] for r in rl[:2]) <= 6 and all(np.isfinite(r["sft_loss"]) for r in sft)
+    assert "sft_eval_accuracy" in rows[2]                    # evaluation between the phases
+    ck = Checkpointer(tmp_path / "checkpoints", async_save=False)
+    assert {2, 4, 6} <= set(ck.all_steps())                  # SFT end, PTST stage boundary, end
+    ck.close()
+    # sampler: stage 1 (G=2, 6 tokens) + stage 2 (G=1, 12 tokens) + greedy eval shapes; never one per step
+    assert sampling.compile_count() - before <= 4
+    out = export_checkpoint(str(tmp_path), step=4)
+    import transformers
+    _, info = transformers.Qwen2VLForConditionalGeneration.from_pretrained(out, output_loading_info=True)
+    assert not any(info.values())
+
+
+def test_sft_loss_counts_only_response_tokens():
+    from mr1jax.data.sft import sft_batch
+    from mr1jax.data.tasks import counting_examples
+    from mr1jax.data.tokenizer import load_tokenizer
+
+    tok = load_tokenizer()
+    ex = counting_examples(2, seed=0, image_size=28)
+    b = sft_batch(tok, ex, image_size=28, seq_len=96)
+    for row, mask, valid, e in zip(b["input_ids"], b["loss_mask"], b["attention_mask"], ex):
+        target = tok.decode(row[mask.astype(bool)].tolist())
+        assert target == f"<think>I look at the image.</think><answer>{e['answer']}</answer><|im_end|>"
+        full = tok.decode(row[valid.astype(bool)].tolist())
+        assert full.endswith("<|im_start|>assistant\n" + target)
