@@ -147,7 +147,10 @@ def build_model(c: ml_collections.ConfigDict, mesh) -> tuple[Qwen2VL, Any]:
 
 
 def build_rows(c: ml_collections.ConfigDict, split: str):
+    """Rows of a split: the user's files, or the synthetic task; None for eval when only train files are set."""
     files = c.data.train_files if split == "train" else c.data.eval_files
+    if split == "eval" and c.data.train_files and not files:
+        return None
     if files:
         return RowSource([f.strip() for f in files.split(",") if f.strip()], c.data.fields,
                          skip_bad_rows=c.data.skip_bad_rows)
@@ -242,7 +245,9 @@ def select_groups(batch: dict[str, jax.Array], groups: np.ndarray, g: int, promp
 
 
 def evaluate(model, tokenizer, rows, c, stage: Stage) -> dict[str, float]:
-    """Greedy rollouts on held-out rows: accuracy, format rate, mean completion length."""
+    """Greedy rollouts on held-out rows: accuracy, format rate, mean completion length ({} without rows)."""
+    if rows is None:
+        return {}
     ds = make_rl_dataset(rows, tokenizer=tokenizer, batch_size=c.data.batch_size, image_size=c.data.image_size,
                          prompt_buckets=(c.data.prompt_bucket,), seed=c.seed, shuffle=False, num_epochs=1,
                          question_template=c.data.question_template, pad_to_max_bucket=True)
@@ -283,7 +288,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     model, tokenizer = build_model(c, mesh)
     graphdef, params = nnx.split(model)
     n_params = sum(x.size for x in jax.tree.leaves(params))
-    kl_on = uses_kl(c)
+    kl_on = uses_kl(c) and phase_steps(c)[1] > 0
     ref_params = jax.tree.map(jnp.copy, params) if kl_on else None
     say(f"model: {n_params:,} parameters ({c.model.dtype}); reference model {'kept' if kl_on else 'skipped (beta = 0)'}")
 
@@ -294,7 +299,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                          question_template=c.data.question_template, pad_to_max_bucket=True,
                          skip_bad_rows=c.data.skip_bad_rows)
     data_iter = iter(ds)
-    say(f"data: {len(train_rows)} train rows, {len(eval_rows)} eval rows, {c.data.batch_size} prompts per step")
+    say(f"data: {len(train_rows)} train rows, {len(eval_rows) if eval_rows is not None else 'no'} eval rows, "
+        f"{c.data.batch_size} prompts per step")
 
     # ---- optimizers and schedules (SFT: warmup + cosine; RL: constant after optional warmup)
     sft_steps, rl_steps = phase_steps(c)

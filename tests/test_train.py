@@ -166,3 +166,31 @@ def test_sft_loss_counts_only_response_tokens():
         assert target == f"<think>I look at the image.</think><answer>{e['answer']}</answer><|im_end|>"
         full = tok.decode(row[valid.astype(bool)].tolist())
         assert full.endswith("<|im_start|>assistant\n" + target)
+
+
+def _write_rows(tmp_path, n, corrupt_row=None):
+    from mr1jax.data.tasks import counting_examples
+
+    lines = []
+    for i, ex in enumerate(counting_examples(n, seed=3, image_size=28)):
+        path = tmp_path / f"img{i}.png"
+        ex["image"].save(path)
+        if i == corrupt_row:
+            path.write_bytes(b"not a png")
+        lines.append(json.dumps({"image": path.name, "question": ex["question"], "answer": ex["answer"]}))
+    data = tmp_path / "train.jsonl"
+    data.write_text("\n".join(lines) + "\n")
+    return data
+
+
+def test_trains_on_user_jsonl_and_names_corrupt_rows(tmp_path):
+    from mr1jax.data.rows import DataError
+
+    data = _write_rows(tmp_path, 4)
+    c = tiny_config(total_steps=1, **{"data.train_files": str(data), "data.fields": "generic"})
+    out = train_and_evaluate(c, str(tmp_path / "run"))
+    assert np.isfinite(out["reward"]) and "eval_accuracy" not in out      # no eval files: no eval
+    bad = _write_rows(tmp_path / "bad" if (tmp_path / "bad").mkdir() is None else tmp_path, 4, corrupt_row=1)
+    c = tiny_config(total_steps=2, **{"data.train_files": str(bad), "data.batch_size": 4})
+    with pytest.raises(DataError, match=r"train.jsonl line 2"):
+        train_and_evaluate(c, str(tmp_path / "run_bad"))
