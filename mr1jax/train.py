@@ -159,6 +159,11 @@ def build_rows(c: ml_collections.ConfigDict, split: str):
                               image_size=c.data.image_size)
 
 
+def decode_completions(tokenizer, tokens: np.ndarray, mask: np.ndarray) -> list[str]:
+    """Completion texts as they are scored: pad after the stop token, special tokens dropped."""
+    return tokenizer.batch_decode(np.where(mask > 0, tokens, tokenizer.pad_token_id), skip_special_tokens=True)
+
+
 def reward_parts(completions: list[str], answers: list[str], timeout_s: float) -> tuple[np.ndarray, np.ndarray, dict]:
     """(accuracy [N], format [N], runner stats): accuracy in worker processes with a deadline per sample."""
     acc, stats = rw.score_batch(rw.accuracy_reward, completions, answers, timeout_s=timeout_s)
@@ -209,7 +214,7 @@ def rollout_batch(model, tokenizer, batch, stage: Stage, c, rng) -> tuple[dict, 
                   num_samples=g, max_new_tokens=stage.max_new_tokens, temperature=c.rollout.temperature,
                   top_p=c.rollout.top_p, top_k=c.rollout.top_k, rng=rng)
     tokens, mask = np.asarray(ro.tokens), np.asarray(ro.mask)
-    texts = tokenizer.batch_decode(np.where(mask > 0, tokens, tokenizer.pad_token_id), skip_special_tokens=True)
+    texts = decode_completions(tokenizer, tokens, mask)
     answers = [str(a) for a in np.repeat(batch.answers, g)]
     acc, fmt, stats = reward_parts(texts, answers, c.rl.reward_timeout_s)
     rewards = combine_reward(c.rl.reward, acc, fmt, c.rl.alpha)
@@ -258,7 +263,7 @@ def evaluate(model, tokenizer, rows, c, stage: Stage) -> dict[str, float]:
         ro = generate(model, batch.input_ids, batch.attention_mask, batch.pixel_values, batch.image_grid_thw,
                       num_samples=1, max_new_tokens=stage.max_new_tokens, temperature=0.0)
         tokens, mask = np.asarray(ro.tokens), np.asarray(ro.mask)
-        texts = tokenizer.batch_decode(np.where(mask > 0, tokens, tokenizer.pad_token_id), skip_special_tokens=True)
+        texts = decode_completions(tokenizer, tokens, mask)
         acc, fmt, _ = reward_parts(texts, [str(a) for a in batch.answers], c.rl.reward_timeout_s)
         accs.append(acc)
         fmts.append(fmt)
