@@ -31,6 +31,7 @@ from mr1jax.data.tasks import TASKS
 from mr1jax.data.tokenizer import load_tokenizer, special_token_ids
 from mr1jax.models.qwen2_vl import Qwen2VL, Qwen2VLConfig, prepare_inputs
 from mr1jax.models.qwen2_vl.hf import load_pretrained, save_pretrained
+from mr1jax.plots import plot_curves
 from mr1jax.rl import group_advantages, make_schedule
 from mr1jax.rl import rewards as rw
 from mr1jax.rl.ptst import Stage, is_stage_boundary, parse_stages, stage_at
@@ -177,6 +178,37 @@ def combine_reward(kind: str, acc: np.ndarray, fmt: np.ndarray, alpha: float) ->
     if kind == "hard":
         return acc * fmt
     return acc if kind == "accuracy" else fmt
+
+
+def read_before_rl(workdir: str) -> dict[str, float]:
+    """The held-out metrics logged just before RL began (kept in metrics.jsonl, so resumed runs find them)."""
+    path = os.path.join(workdir, "metrics.jsonl")
+    out: dict[str, float] = {}
+    if os.path.exists(path):
+        for line in open(path):
+            row = json.loads(line)
+            out.update({k[len("before_rl_"):]: v for k, v in row.items() if k.startswith("before_rl_")})
+    return out
+
+
+def cross_task_evals(model, tokenizer, c, stage: Stage) -> dict[str, dict[str, float]]:
+    """Held-out metrics on every other synthetic task (cross-task transfer), when training on synthetic data."""
+    if c.data.train_files:
+        return {}
+    out = {}
+    for task in TASKS:
+        if task != c.data.task:
+            rows = TASKS[task](c.data.num_eval, seed=c.seed, split="test", image_size=c.data.image_size)
+            out[task] = evaluate(model, tokenizer, rows, c, stage)
+    return out
+
+
+def write_summary(workdir: str, c, before: dict, after: dict, other_tasks: dict) -> None:
+    """`<workdir>/summary.json`: held-out accuracy / format rate before and after RL, other tasks after."""
+    summary = {"task": c.data.task if not c.data.train_files else c.data.train_files, "mode": c.mode,
+               "before_rl": before, "after_rl": after, "other_tasks_after": other_tasks}
+    with open(os.path.join(workdir, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=2)
 
 
 class MetricsWriter:
@@ -373,9 +405,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                                      "time_step": time.perf_counter() - t0}
 
     writer = MetricsWriter(workdir)
+    before_rl = read_before_rl(workdir)
     last: dict[str, Any] = {}
     step_times: list[float] = []
     say(f"training steps {start} -> {end} of {total} ({sft_steps} SFT + {rl_steps} RL)")
+    if start == 0 and sft_steps == 0 and rl_steps:
+        before_rl = evaluate(model, tokenizer, eval_rows, c, stages[0])
+        writer.write(0, {f"before_rl_{k}": v for k, v in before_rl.items()})
+        say("before RL: " + " ".join(f"{k} {v:.3f}" for k, v in before_rl.items()))
     with PreemptionGuard() as guard:
         step = start
         while step < end:
@@ -393,7 +430,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                     ref_params = jax.tree.map(jnp.copy, params) if kl_on else None
                     opt_state = sharding.place_on_mesh(tx.init(params), mesh)
                     ev = evaluate(model, tokenizer, eval_rows, c, stages[0])
-                    writer.write(step, {f"sft_{k}": v for k, v in ev.items()})
+                    writer.write(step, {f"before_rl_{k}": v for k, v in ev.items()})
+                    before_rl = ev
                     say("after SFT: " + " ".join(f"{k} {v:.3f}" for k, v in ev.items()))
                 if guard.requested or step % c.checkpoint.every_steps == 0 or step == end or step == sft_steps:
                     save(step)
@@ -458,9 +496,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 return last
             if step % c.checkpoint.every_steps == 0 or is_stage_boundary(stages, step - sft_steps) or step == end:
                 save(step)
-    ev = evaluate(model, tokenizer, eval_rows, c, stage_at(stages, max(end - 1 - sft_steps, 0))[1])
+    final_stage = stage_at(stages, max(end - 1 - sft_steps, 0))[1]
+    ev = evaluate(model, tokenizer, eval_rows, c, final_stage)
     writer.write(end, ev)
     say("final eval " + " ".join(f"{k} {v:.3f}" for k, v in ev.items()))
+    if end == total:
+        write_summary(workdir, c, before_rl, ev, cross_task_evals(model, tokenizer, c, final_stage))
+        say(f"wrote {os.path.join(workdir, 'summary.json')} and {plot_curves(workdir)}")
     ckpt.close()
     writer.close()
     if c.export_hf and end == total:

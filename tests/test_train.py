@@ -80,6 +80,11 @@ def test_tiny_run_writes_metrics_checkpoints_and_export(tmp_path):
     assert steps[0]["beta"] == pytest.approx(0.07)          # OThink V-shape starts at beta_mid
     assert "eval_accuracy" in rows[-1] and "eval_accuracy" in out
     assert list((tmp_path / "tensorboard").iterdir())
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    for part in ("before_rl", "after_rl"):
+        assert 0 <= summary[part]["eval_accuracy"] <= 1 and np.isfinite(summary[part]["eval_completion_len"])
+    assert np.isfinite(summary["other_tasks_after"]["geometry"]["eval_format_rate"])
+    assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     from mr1jax.models.qwen2_vl.hf import load_pretrained
     model = load_pretrained(tmp_path / "hf")
     assert model.config.text.hidden_size == c.model.tiny.hidden_size
@@ -141,7 +146,7 @@ def test_sft_then_grpo_with_ptst_stages_and_export(tmp_path):
     assert [r["step"] for r in sft] == [1, 2] and [r["step"] for r in rl] == [3, 4, 5, 6]
     assert [r["stage"] for r in rl] == [0, 0, 1, 1]
     assert max(r["completion_len"] for r in rl[:2]) <= 6 and all(np.isfinite(r["sft_loss"]) for r in sft)
-    assert "sft_eval_accuracy" in rows[2]                    # evaluation between the phases
+    assert "before_rl_eval_accuracy" in rows[2]              # evaluation between the phases
     ck = Checkpointer(tmp_path / "checkpoints", async_save=False)
     assert {2, 4, 6} <= set(ck.all_steps())                  # SFT end, PTST stage boundary, end
     ck.close()
