@@ -99,8 +99,25 @@ class Checkpointer:
         restored = self.manager.restore(step, args=ocp.args.Composite(**items))
         return restored["state"], dict(restored["meta"] or {})
 
-    def _check_compatible(self, step: int, abstract_state: Any) -> None:
+    def restore_params(self, step: int | None, params: Any) -> Any:
+        """Only the `params` subtree of checkpoint `step` (no optimizer state or reference copy), restored onto
+        the shapes and shardings of `params` (arrays or ShapeDtypeStructs). Raises CheckpointMismatchError."""
+        step = self.latest_step() if step is None else step
+        if step not in self.all_steps():
+            raise FileNotFoundError(f"no checkpoint for step {step} in {self.directory}; available steps: "
+                                    f"{self.all_steps()}")
+        self._check_compatible(step, {"params": params}, subtree="params")
+        target = {"params": jax.tree.map(ocp.utils.to_shape_dtype_struct, params)}
+        with ocp.PyTreeCheckpointer() as reader:
+            restored = reader.restore(os.path.join(self.directory, str(step), "state"), args=ocp.args.PyTreeRestore(
+                item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+                partial_restore=True))
+        return restored["params"]
+
+    def _check_compatible(self, step: int, abstract_state: Any, subtree: str | None = None) -> None:
         saved_meta = self.manager.item_metadata(step)["state"]
+        if subtree is not None:
+            saved_meta = {subtree: saved_meta[subtree]}
         saved = _flat_shapes(saved_meta)
         want = _flat_shapes(abstract_state)
         missing = sorted(set(want) - set(saved))

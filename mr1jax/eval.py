@@ -146,55 +146,22 @@ def _checkpoint_steps(workdir: str) -> list[int]:
     return steps
 
 
-def _shapes(tree) -> dict[str, tuple[int, ...]]:
-    """'model/layers/0/mlp/up_proj/kernel' -> shape, for nnx States and Orbax metadata trees alike."""
-    import jax
-
-    def name(k) -> str:
-        for attr in ("key", "name", "idx"):
-            if hasattr(k, attr):
-                return str(getattr(k, attr))
-        return str(k)
-
-    out = {}
-    for path, leaf in jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: hasattr(x, "shape"))[0]:
-        parts = [name(k) for k in path]
-        out["/".join(parts[:-1] if parts and parts[-1] == "value" else parts)] = tuple(leaf.shape)
-    return out
-
-
 def restore_params(model, workdir: str, step: int) -> None:
     """Load the parameters of checkpoint `step` of the run in `workdir` into `model` (in place).
 
     Only the `params` subtree of the saved state is read (no optimizer state or reference copy), straight
     onto the shardings of `model`'s parameters.
     """
-    import jax
-    import orbax.checkpoint as ocp
     from flax import nnx
 
-    from mr1jax.checkpoint import CheckpointMismatchError, Checkpointer
+    from mr1jax.checkpoint import Checkpointer
 
-    params = nnx.state(model, nnx.Param)
-    target = {"params": jax.tree.map(ocp.utils.to_shape_dtype_struct, params)}
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), async_save=False)
     try:
-        saved = ckpt.manager.item_metadata(step)["state"]["params"]
-        want, have = _shapes(params), _shapes(saved)
-        bad = sorted(k for k in set(want) | set(have) if want.get(k) != have.get(k))
-        if bad:
-            raise CheckpointMismatchError(
-                f"checkpoint step {step} in {ckpt.directory} does not fit the model built from "
-                f"{workdir}/config.json ({len(bad)} parameter(s) differ, e.g. "
-                + "; ".join(f"{k}: checkpoint {have.get(k)} vs model {want.get(k)}" for k in bad[:5]) + ")")
-        state_dir = os.path.join(ckpt.directory, str(step), "state")
-        with ocp.PyTreeCheckpointer() as reader:
-            restored = reader.restore(state_dir, args=ocp.args.PyTreeRestore(
-                item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
-                partial_restore=True))
+        params = ckpt.restore_params(step, nnx.state(model, nnx.Param))
     finally:
         ckpt.close()
-    nnx.update(model, restored["params"])
+    nnx.update(model, params)
 
 
 class _Indexed(Sequence):

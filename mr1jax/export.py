@@ -12,7 +12,6 @@ import argparse
 import json
 import os
 
-import jax
 import jax.numpy as jnp
 import ml_collections
 from flax import nnx
@@ -32,17 +31,10 @@ def export_checkpoint(workdir: str, step: int | None = None, out: str | None = N
     model, tokenizer = build_model(config, sharding.make_mesh({"data": 1, "fsdp": -1, "tensor": 1}))
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), async_save=False)
     step = ckpt.latest_step() if step is None else step
-    if step not in ckpt.all_steps():
-        raise FileNotFoundError(f"no checkpoint for step {step} under {workdir}/checkpoints; "
-                                f"available steps: {ckpt.all_steps()}")
-    params = nnx.state(model, nnx.Param)
-    meta = ckpt.manager.item_metadata(step)["state"]
-    abstract = {k: v for k, v in jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), meta,
-                                              is_leaf=lambda m: hasattr(m, "shape")).items() if k != "params"}
-    abstract["params"] = params
-    state, _ = ckpt.restore(step, abstract)
-    ckpt.close()
-    nnx.update(model, state["params"])
+    try:
+        nnx.update(model, ckpt.restore_params(step, nnx.state(model, nnx.Param)))
+    finally:
+        ckpt.close()
     out = out or os.path.join(workdir, f"hf-{step}")
     save_pretrained(model, out, save_dtype=jnp.dtype(dtype) if dtype else None)
     tokenizer.save_pretrained(out)
