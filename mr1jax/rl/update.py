@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from mr1jax.models.qwen2_vl.model import Qwen2VL, attention_mask_4d
+from mr1jax.models.qwen2_vl.model import Qwen2VL
 from mr1jax.rl.losses import aggregation_count, finalize_loss_stats, grpo_loss_terms, merge_loss_stats
 from mr1jax.rl.losses import sequence_logprobs
 
@@ -59,10 +59,7 @@ def completion_logprobs(model: Qwen2VL, input_ids: jax.Array, attention_mask: ja
         prompts = input_ids.shape[0] // num_samples
         feats = per_prompt.reshape(prompts, -1, per_prompt.shape[-1])
         feats = jnp.repeat(feats, num_samples, axis=0).reshape(-1, per_prompt.shape[-1])
-    x = model.embed(input_ids, feats)
-    valid = attention_mask.astype(bool)
-    slots = jnp.broadcast_to(jnp.arange(input_ids.shape[1]), input_ids.shape)
-    hidden, _ = model.decode_hidden(x, position_ids, attention_mask_4d(valid, valid, slots, slots))
+    hidden = model.hidden_states(input_ids, attention_mask, position_ids, feats)
     logits = model.logits(hidden[:, prompt_len - 1:-1]).astype(jnp.float32)                 # [R, T, V]
     return sequence_logprobs(logits, input_ids[:, prompt_len:])
 
@@ -133,10 +130,7 @@ def sft_loss_terms(model: Qwen2VL, input_ids: jax.Array, attention_mask: jax.Arr
     loss_mask[b, s] marks token s as a *target* (predicted from position s - 1).
     """
     feats = None if pixel_values is None else model.image_features(pixel_values, patch_pos, patch_segments)
-    x = model.embed(input_ids, feats)
-    valid = attention_mask.astype(bool)
-    slots = jnp.broadcast_to(jnp.arange(input_ids.shape[1]), input_ids.shape)
-    hidden, _ = model.decode_hidden(x, position_ids, attention_mask_4d(valid, valid, slots, slots))
+    hidden = model.hidden_states(input_ids, attention_mask, position_ids, feats)
     logits = model.logits(hidden[:, :-1]).astype(jnp.float32)
     logps = sequence_logprobs(logits, input_ids[:, 1:])
     target = loss_mask[:, 1:].astype(jnp.float32)

@@ -133,6 +133,18 @@ class Qwen2VL(nnx.Module):
         return self.model(embeds, cos, sin, mask, cache, cache_index)
 
     # ------------------------------------------------------------------ full forward
+    def hidden_states(self, input_ids: jax.Array, attention_mask: jax.Array, position_ids: jax.Array,
+                      image_features: jax.Array | None = None) -> jax.Array:
+        """Final-norm hidden states [B, L, hidden] of full (causal, left-padded) sequences, no cache.
+
+        image_features: [n_pad_tokens, hidden] already computed (e.g. once per prompt and repeated), or None.
+        """
+        x = self.embed(input_ids, image_features)
+        valid = attention_mask.astype(bool)
+        slots = jnp.broadcast_to(jnp.arange(input_ids.shape[1]), input_ids.shape)
+        hidden, _ = self.decode_hidden(x, position_ids, attention_mask_4d(valid, valid, slots, slots))
+        return hidden
+
     def forward(self, input_ids: jax.Array, attention_mask: jax.Array, position_ids: jax.Array,
                 pixel_values: jax.Array | None = None, patch_pos: jax.Array | None = None,
                 patch_segments: jax.Array | int | None = None) -> jax.Array:
@@ -150,12 +162,7 @@ class Qwen2VL(nnx.Module):
         feats = None
         if pixel_values is not None:
             feats = self.image_features(pixel_values, patch_pos, patch_segments)
-        x = self.embed(input_ids, feats)
-        valid = attention_mask.astype(bool)
-        slots = jnp.broadcast_to(jnp.arange(input_ids.shape[1]), input_ids.shape)
-        mask = attention_mask_4d(valid, valid, slots, slots)
-        hidden, _ = self.decode_hidden(x, position_ids, mask)
-        return self.logits(hidden)
+        return self.logits(self.hidden_states(input_ids, attention_mask, position_ids, feats))
 
     def __call__(self, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None) -> jax.Array:
         """Host convenience call: logits [B, L, vocab]. Not for use under `jax.jit` (see `forward`)."""
