@@ -20,7 +20,7 @@ from flax import nnx
 from PIL import Image, ImageDraw
 
 from mr1jax.data.chat import build_messages, format_prompts
-from mr1jax.data.tokenizer import load_tokenizer, special_token_ids
+from mr1jax.data.tokenizer import load_tokenizer, model_token_ids
 from mr1jax.data.vision import num_image_tokens, preprocess_images
 from mr1jax.models.qwen2_vl import Qwen2VL, Qwen2VLConfig, prepare_inputs
 from mr1jax.models.qwen2_vl.hf import load_pretrained, save_pretrained
@@ -40,12 +40,8 @@ def demo_image(seed: int = 0, size: int = 112) -> Image.Image:
 
 
 def tiny_config_for(tokenizer) -> Qwen2VLConfig:
-    ids = special_token_ids(tokenizer)
-    return Qwen2VLConfig.tiny(
-        vocab_size=len(tokenizer), hidden_size=128, num_layers=2, vision_depth=2,
-        pad_token_id=ids["pad"], bos_token_id=ids["pad"], eos_token_ids=(ids["eos"], ids["pad"]),
-        image_token_id=ids["image_pad"], video_token_id=ids["video_pad"],
-        vision_start_token_id=ids["vision_start"], vision_end_token_id=ids["vision_end"])
+    return Qwen2VLConfig.tiny(vocab_size=len(tokenizer), hidden_size=128, num_layers=2, vision_depth=2,
+                              **model_token_ids(tokenizer))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -28,7 +28,7 @@ from mr1jax.data.pipeline import make_rl_dataset
 from mr1jax.data.rows import RowSource
 from mr1jax.data.sft import sft_batch, sft_examples_for_step
 from mr1jax.data.tasks import TASKS
-from mr1jax.data.tokenizer import load_tokenizer, special_token_ids
+from mr1jax.data.tokenizer import load_tokenizer, model_token_ids
 from mr1jax.models.qwen2_vl import Qwen2VL, Qwen2VLConfig, prepare_inputs
 from mr1jax.models.qwen2_vl.hf import load_pretrained, save_pretrained
 from mr1jax.plots import plot_curves
@@ -137,12 +137,9 @@ def build_model(c: ml_collections.ConfigDict, mesh) -> tuple[Qwen2VL, Any]:
         tokenizer = load_tokenizer(c.model.tokenizer_path or c.model.hf_path)
         return model, tokenizer
     tokenizer = load_tokenizer(c.model.tokenizer_path or None)
-    ids = special_token_ids(tokenizer)
     cfg = Qwen2VLConfig.tiny(
         vocab_size=len(tokenizer), hidden_size=c.model.tiny.hidden_size, num_layers=c.model.tiny.num_layers,
-        vision_depth=c.model.tiny.vision_depth, pad_token_id=ids["pad"], bos_token_id=ids["pad"],
-        eos_token_ids=(ids["eos"], ids["pad"]), image_token_id=ids["image_pad"], video_token_id=ids["video_pad"],
-        vision_start_token_id=ids["vision_start"], vision_end_token_id=ids["vision_end"])
+        vision_depth=c.model.tiny.vision_depth, **model_token_ids(tokenizer))
     model = Qwen2VL(cfg, rngs=nnx.Rngs(c.seed), dtype=dtype, param_dtype=dtype)
     return sharding.shard_model(model, mesh), tokenizer
 

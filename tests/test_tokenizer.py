@@ -194,3 +194,15 @@ def test_build_is_deterministic_and_matches_asset(tmp_path):
         # The committed asset is exactly what the script builds.
         assert json.loads((a / name).read_text()) == json.loads((PACKAGED_TOKENIZER_DIR / name).read_text()), name
     assert sorted(p.name for p in a.iterdir()) == sorted(p.name for p in PACKAGED_TOKENIZER_DIR.iterdir())
+
+
+def test_model_token_ids_build_a_valid_config():
+    from mr1jax.data.tokenizer import model_token_ids
+    from mr1jax.models.qwen2_vl import Qwen2VLConfig
+
+    tok = load_tokenizer()
+    ids = special_token_ids(tok)
+    cfg = Qwen2VLConfig.tiny(vocab_size=len(tok), **model_token_ids(tok))
+    assert cfg.image_token_id == ids["image_pad"] == tok.convert_tokens_to_ids("<|image_pad|>")
+    assert cfg.eos_token_ids == (ids["eos"], ids["pad"]) and cfg.pad_token_id == cfg.bos_token_id == ids["pad"]
+    assert (cfg.vision_start_token_id, cfg.vision_end_token_id) == (ids["vision_start"], ids["vision_end"])

@@ -101,3 +101,12 @@ def special_token_ids(tokenizer: Any) -> dict[str, int]:
     for name, token in SPECIAL_TOKEN_STRINGS.items():
         ids[name] = token_id(tokenizer, token)
     return ids
+
+
+def model_token_ids(tokenizer: Any) -> dict[str, Any]:
+    """The tokenizer's special ids as `Qwen2VLConfig` keyword arguments (pad doubles as bos; generation stops
+    on eos and pad), e.g. ``Qwen2VLConfig.tiny(vocab_size=len(tok), **model_token_ids(tok))``."""
+    ids = special_token_ids(tokenizer)
+    return dict(pad_token_id=ids["pad"], bos_token_id=ids["pad"], eos_token_ids=(ids["eos"], ids["pad"]),
+                image_token_id=ids["image_pad"], video_token_id=ids["video_pad"],
+                vision_start_token_id=ids["vision_start"], vision_end_token_id=ids["vision_end"])
