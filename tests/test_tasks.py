@@ -13,7 +13,13 @@ from mr1jax.data.tasks import TASKS, counting_examples, geometry_examples
 from mr1jax.data.tasks.counting import BACKGROUND, COLOURS, scene_split
 
 TASK_NAMES = ("counting", "geometry")
-_COUNT_Q = re.compile(r"How many (red|blue|green|yellow) objects are there\?")
+_COUNT_Q = re.compile(r"How many (?:(red|blue|green|yellow) )?objects are there\?")
+
+
+def _counted(e) -> int:
+    """The answer recomputed from the scene: all objects, or those of the colour the question names."""
+    target = _COUNT_Q.fullmatch(e["question"]).group(1)
+    return sum(target is None or o["colour"] == target for o in e["scene"]["objects"])
 
 
 def _canonical(task: str, scene: dict):
@@ -139,11 +145,10 @@ def test_bad_split_is_rejected(task, split):
 
 def test_counting_answers_from_scene():
     for split in ("train", "test"):
-        for e in counting_examples(300, seed=3, split=split, max_objects=5):
-            target = _COUNT_Q.fullmatch(e["question"]).group(1)
+        for e in counting_examples(300, seed=3, split=split, max_objects=5, colour_questions=0.5):
             objects = e["scene"]["objects"]
             assert 1 <= len(objects) <= 5
-            assert e["answer"] == str(sum(o["colour"] == target for o in objects))
+            assert e["answer"] == str(_counted(e))
             for o in objects:
                 assert o["colour"] in COLOURS and o["shape"] in ("circle", "square")
                 assert 0 <= o["x"] - o["r"] and o["x"] + o["r"] < e["scene"]["size"]
@@ -160,12 +165,14 @@ def test_counting_max_objects():
 @pytest.mark.parametrize("size", [28, 56])
 def test_counting_answers_from_pixels(size):
     """Count 8-connected blobs of the asked colour in the image itself."""
-    examples = counting_examples(12, seed=11, split="test", image_size=size)
+    examples = counting_examples(16, seed=11, split="test", image_size=size, colour_questions=0.5)
     assert len({e["answer"] for e in examples}) >= 2
+    assert {_COUNT_Q.fullmatch(e["question"]).group(1) is None for e in examples} == {True, False}
     for e in examples:
         px = _pixels(e["image"])
         target = _COUNT_Q.fullmatch(e["question"]).group(1)
-        assert str(_blobs((px == COLOURS[target]).all(-1))) == e["answer"]
+        colours = COLOURS.values() if target is None else [COLOURS[target]]
+        assert str(sum(_blobs((px == c).all(-1)) for c in colours)) == e["answer"]
         # every pixel is background or one of the palette colours, and every object is its own blob
         known = (px == BACKGROUND).all(-1) | np.any([(px == c).all(-1) for c in COLOURS.values()], axis=0)
         assert known.all()
@@ -225,6 +232,18 @@ def test_answer_distribution_not_degenerate(task, min_distinct):
         assert counts.most_common(1)[0][1] < 0.6 * 500, counts
     if task == "geometry":                                               # four balanced classes
         assert set(counts) == {"3", "4", "5", "6"} and min(counts.values()) > 0.15 * 500
+    else:                                                                # counts 1..6, balanced
+        assert set(counts) == {"1", "2", "3", "4", "5", "6"} and min(counts.values()) > 0.1 * 500
+
+
+def test_colour_questions_are_balanced_and_mixed_in_at_the_requested_rate():
+    ex = counting_examples(1000, seed=0, colour_questions=0.3)
+    coloured = [e for e in ex if _COUNT_Q.fullmatch(e["question"]).group(1)]
+    assert 0.25 < len(coloured) / len(ex) < 0.35
+    counts = Counter(e["answer"] for e in coloured)
+    assert set(counts) == {"0", "1", "2", "3", "4", "5"} and min(counts.values()) > 0.08 * len(coloured)
+    with pytest.raises(ValueError, match="colour_questions"):
+        counting_examples(1, seed=0, colour_questions=1.5)
 
 
 # ---------------------------------------------------------------------------------------------------------
