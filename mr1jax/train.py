@@ -177,35 +177,61 @@ def combine_reward(kind: str, acc: np.ndarray, fmt: np.ndarray, alpha: float) ->
     return acc if kind == "accuracy" else fmt
 
 
-def read_before_rl(workdir: str) -> dict[str, float]:
-    """The held-out metrics logged just before RL began (kept in metrics.jsonl, so resumed runs find them)."""
+def read_before_rl(workdir: str) -> dict[str, dict[str, float]]:
+    """Held-out metrics per task logged just before RL began (kept in metrics.jsonl, so resumed runs find them).
+
+    Logged as ``before_rl/<task>/<metric>``; returns {task: {metric: value}}.
+    """
     path = os.path.join(workdir, "metrics.jsonl")
-    out: dict[str, float] = {}
+    out: dict[str, dict[str, float]] = {}
     if os.path.exists(path):
         for line in open(path):
-            row = json.loads(line)
-            out.update({k[len("before_rl_"):]: v for k, v in row.items() if k.startswith("before_rl_")})
+            for k, v in json.loads(line).items():
+                if k.startswith("before_rl/"):
+                    _, task, metric = k.split("/", 2)
+                    out.setdefault(task, {})[metric] = v
     return out
 
 
-def cross_task_evals(model, tokenizer, c, stage: Stage) -> dict[str, dict[str, float]]:
-    """Held-out metrics on every other synthetic task (cross-task transfer), when training on synthetic data."""
-    if c.data.train_files:
-        return {}
-    out = {}
-    for task in TASKS:
-        if task != c.data.task:
-            rows = TASKS[task](c.data.num_eval, seed=c.seed, split="test", image_size=c.data.image_size)
-            out[task] = evaluate(model, tokenizer, rows, c, stage)
+def evaluate_tasks(model, tokenizer, eval_rows, c, stage: Stage) -> dict[str, dict[str, float]]:
+    """Held-out metrics on the training task (key: its name, or "eval" for user files) and, when training on
+    a synthetic task, on every other synthetic task (cross-task transfer)."""
+    out = {c.data.task if not c.data.train_files else "eval": evaluate(model, tokenizer, eval_rows, c, stage)}
+    if not c.data.train_files:
+        for task in TASKS:
+            if task != c.data.task:
+                rows = TASKS[task](c.data.num_eval, seed=c.seed, split="test", image_size=c.data.image_size)
+                out[task] = evaluate(model, tokenizer, rows, c, stage)
     return out
 
 
-def write_summary(workdir: str, c, before: dict, after: dict, other_tasks: dict) -> None:
-    """`<workdir>/summary.json`: held-out accuracy / format rate before and after RL, other tasks after."""
+def log_before_rl(writer: "MetricsWriter", step: int, per_task: dict[str, dict[str, float]], say) -> None:
+    writer.write(step, {f"before_rl/{t}/{k}": v for t, ev in per_task.items() for k, v in ev.items()})
+    for t, ev in per_task.items():
+        say(f"before RL, {t}: " + " ".join(f"{k} {v:.3f}" for k, v in ev.items()))
+
+
+def write_summary(workdir: str, c, before: dict[str, dict[str, float]], after: dict[str, dict[str, float]],
+                  wall_s: float) -> dict[str, Any]:
+    """`<workdir>/summary.json`: held-out accuracy / format rate / length before and after RL, per task.
+
+    ``tasks[<task>] = {"before_rl": {...}, "after_rl": {...}, "accuracy_gain": after - before}``; the
+    training task comes first and is repeated at the top level (``before_rl`` / ``after_rl``).
+    """
+    main = c.data.task if not c.data.train_files else "eval"
+    tasks = {}
+    for t, ev in after.items():
+        b = before.get(t, {})
+        gain = ev["eval_accuracy"] - b["eval_accuracy"] if "eval_accuracy" in b and "eval_accuracy" in ev else None
+        tasks[t] = {"before_rl": b, "after_rl": ev, "accuracy_gain": gain}
+    sft_steps, rl_steps = phase_steps(c)
     summary = {"task": c.data.task if not c.data.train_files else c.data.train_files, "mode": c.mode,
-               "before_rl": before, "after_rl": after, "other_tasks_after": other_tasks}
+               "seed": c.seed, "sft_steps": sft_steps, "rl_steps": rl_steps, "beta_schedule": c.rl.beta_schedule,
+               "wall_time_s": round(wall_s, 1), "before_rl": before.get(main, {}), "after_rl": after.get(main, {}),
+               "tasks": tasks}
     with open(os.path.join(workdir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
+    return summary
 
 
 class MetricsWriter:
@@ -407,9 +433,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     step_times: list[float] = []
     say(f"training steps {start} -> {end} of {total} ({sft_steps} SFT + {rl_steps} RL)")
     if start == 0 and sft_steps == 0 and rl_steps:
-        before_rl = evaluate(model, tokenizer, eval_rows, c, stages[0])
-        writer.write(0, {f"before_rl_{k}": v for k, v in before_rl.items()})
-        say("before RL: " + " ".join(f"{k} {v:.3f}" for k, v in before_rl.items()))
+        before_rl = evaluate_tasks(model, tokenizer, eval_rows, c, stages[0])
+        log_before_rl(writer, 0, before_rl, say)
     with PreemptionGuard() as guard:
         step = start
         while step < end:
@@ -426,10 +451,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                     # RL starts from the SFT model: it becomes the frozen reference; fresh optimizer state
                     ref_params = jax.tree.map(jnp.copy, params) if kl_on else None
                     opt_state = sharding.place_on_mesh(tx.init(params), mesh)
-                    ev = evaluate(model, tokenizer, eval_rows, c, stages[0])
-                    writer.write(step, {f"before_rl_{k}": v for k, v in ev.items()})
-                    before_rl = ev
-                    say("after SFT: " + " ".join(f"{k} {v:.3f}" for k, v in ev.items()))
+                    before_rl = evaluate_tasks(model, tokenizer, eval_rows, c, stages[0])
+                    log_before_rl(writer, step, before_rl, say)
+                    step_times.clear()   # the ETA of the RL phase comes from RL steps only
                 if guard.requested or step % c.checkpoint.every_steps == 0 or step == end or step == sft_steps:
                     save(step)
                 if guard.requested:
@@ -494,11 +518,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             if step % c.checkpoint.every_steps == 0 or is_stage_boundary(stages, step - sft_steps) or step == end:
                 save(step)
     final_stage = stage_at(stages, max(end - 1 - sft_steps, 0))[1]
-    ev = evaluate(model, tokenizer, eval_rows, c, final_stage)
+    after = evaluate_tasks(model, tokenizer, eval_rows, c, final_stage)
+    ev = next(iter(after.values()))
     writer.write(end, ev)
-    say("final eval " + " ".join(f"{k} {v:.3f}" for k, v in ev.items()))
+    for t, m in after.items():
+        say(f"final eval, {t}: " + " ".join(f"{k} {v:.3f}" for k, v in m.items()))
     if end == total:
-        write_summary(workdir, c, before_rl, ev, cross_task_evals(model, tokenizer, c, final_stage))
+        summary = write_summary(workdir, c, before_rl, after, time.perf_counter() - t_start)
+        for t, m in summary["tasks"].items():
+            if m["accuracy_gain"] is not None:
+                say(f"{t}: held-out accuracy {m['before_rl']['eval_accuracy']:.3f} before RL -> "
+                    f"{m['after_rl']['eval_accuracy']:.3f} after RL ({m['accuracy_gain']:+.3f})")
         say(f"wrote {os.path.join(workdir, 'summary.json')} and {plot_curves(workdir)}")
     ckpt.close()
     writer.close()

@@ -83,7 +83,14 @@ def test_tiny_run_writes_metrics_checkpoints_and_export(tmp_path):
     summary = json.loads((tmp_path / "summary.json").read_text())
     for part in ("before_rl", "after_rl"):
         assert 0 <= summary[part]["eval_accuracy"] <= 1 and np.isfinite(summary[part]["eval_completion_len"])
-    assert np.isfinite(summary["other_tasks_after"]["geometry"]["eval_format_rate"])
+    assert list(summary["tasks"]) == ["counting", "geometry"]          # training task first, then transfer
+    for task in summary["tasks"].values():
+        for part in ("before_rl", "after_rl"):
+            assert all(np.isfinite(task[part][k]) for k in ("eval_accuracy", "eval_format_rate",
+                                                             "eval_completion_len"))
+        assert task["accuracy_gain"] == pytest.approx(task["after_rl"]["eval_accuracy"]
+                                                      - task["before_rl"]["eval_accuracy"])
+    assert summary["tasks"]["counting"]["after_rl"] == summary["after_rl"] and summary["wall_time_s"] > 0
     assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     from mr1jax.models.qwen2_vl.hf import load_pretrained
     model = load_pretrained(tmp_path / "hf")
@@ -146,7 +153,7 @@ def test_sft_then_grpo_with_ptst_stages_and_export(tmp_path):
     assert [r["step"] for r in sft] == [1, 2] and [r["step"] for r in rl] == [3, 4, 5, 6]
     assert [r["stage"] for r in rl] == [0, 0, 1, 1]
     assert max(r["completion_len"] for r in rl[:2]) <= 6 and all(np.isfinite(r["sft_loss"]) for r in sft)
-    assert "before_rl_eval_accuracy" in rows[2]              # evaluation between the phases
+    assert {"before_rl/counting/eval_accuracy", "before_rl/geometry/eval_accuracy"} <= set(rows[2])  # between phases
     ck = Checkpointer(tmp_path / "checkpoints", async_save=False)
     assert {2, 4, 6} <= set(ck.all_steps())                  # SFT end, PTST stage boundary, end
     ck.close()
