@@ -16,33 +16,33 @@ import ml_collections
 def get_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.seed = 0
-    c.mode = "grpo"             # grpo | sft | sft_then_grpo (Vision-R1: cold-start SFT, then RL)
+    c.mode = "sft_then_grpo"    # grpo | sft | sft_then_grpo (Vision-R1: cold-start SFT, then RL)
     c.max_steps = -1            # stop after this many steps of this run without changing any schedule
-    c.total_steps = 20          # the schedule length (KL V-shape, learning rate)
+    c.total_steps = 300         # RL steps: the schedule length (KL V-shape, learning rate)
     c.log_every = 1
 
     c.model = ml_collections.ConfigDict()
     c.model.hf_path = ""        # "" = tiny random model built from c.model.tiny
     c.model.tokenizer_path = ""  # "" = hf_path, or the packaged tokenizer for the tiny model
     c.model.dtype = "float32"   # float32 | bfloat16
-    c.model.tiny = ml_collections.ConfigDict(dict(hidden_size=64, num_layers=2, vision_depth=1))
+    c.model.tiny = ml_collections.ConfigDict(dict(hidden_size=128, num_layers=2, vision_depth=2))
 
     c.data = ml_collections.ConfigDict()
     c.data.task = "counting"    # synthetic task used when train_files is empty
-    c.data.num_train = 64
-    c.data.num_eval = 16
+    c.data.num_train = 4096
+    c.data.num_eval = 256
     c.data.train_files = ""     # comma-separated JSONL / Parquet files
     c.data.eval_files = ""
     c.data.fields = "generic"   # field preset: generic | geometry3k | easyr1 | r1v | superclevr
     c.data.skip_bad_rows = False
     c.data.image_size = 56      # every image resized to image_size x image_size (multiple of 28)
     c.data.prompt_bucket = 64   # prompts left-padded to this length
-    c.data.batch_size = 4       # prompts per step
+    c.data.batch_size = 16      # prompts per step
     c.data.question_template = (
         "{question} Think first inside <think></think>, then give the final answer inside <answer></answer>.")
 
     c.rollout = ml_collections.ConfigDict()
-    c.rollout.num_samples = 4   # G completions per prompt
+    c.rollout.num_samples = 8   # G completions per prompt
     c.rollout.max_new_tokens = 24
     c.rollout.temperature = 1.0
     c.rollout.top_p = 1.0
@@ -68,25 +68,29 @@ def get_config() -> ml_collections.ConfigDict:
     c.rl.ptst_stages = ""       # Vision-R1 PTST, e.g. "16x4:10,32x2:10" (max_new_tokens x G : steps)
 
     c.optim = ml_collections.ConfigDict()
-    c.optim.learning_rate = 1e-3
-    c.optim.warmup_steps = 0
+    c.optim.learning_rate = 2e-4
+    c.optim.warmup_steps = 30   # RL starts with fresh Adam moments: without warmup its first steps undo SFT
     c.optim.weight_decay = 0.0
     c.optim.grad_clip = 1.0
 
     c.sft = ml_collections.ConfigDict()
-    c.sft.steps = 0             # cold-start SFT steps (modes sft / sft_then_grpo); total = sft.steps + total_steps
-    c.sft.learning_rate = 5e-3
+    c.sft.steps = 800           # cold-start SFT steps (modes sft / sft_then_grpo); total = sft.steps + total_steps
+    c.sft.learning_rate = 5e-4
     c.sft.warmup_fraction = 0.05
+    # Cold-start traces from a simulated imperfect annotator (mr1jax.data.sft.annotator_trace): answers >=
+    # annotator_min_count are reported one too low with this probability. 0 = exact traces.
+    c.sft.annotator_miss_rate = 0.6
+    c.sft.annotator_min_count = 4
 
     c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
 
     c.checkpoint = ml_collections.ConfigDict()
-    c.checkpoint.every_steps = 10
+    c.checkpoint.every_steps = 100
     c.checkpoint.max_to_keep = 2
     c.checkpoint.async_save = True
 
     c.eval = ml_collections.ConfigDict()
-    c.eval.every_steps = 10     # 0 = only at the end
-    c.eval.num_batches = 2
+    c.eval.every_steps = 50     # 0 = only at the end (and before RL)
+    c.eval.num_batches = 16     # x data.batch_size held-out examples
     c.export_hf = True          # write <workdir>/hf at the end (transformers-loadable)
     return c

@@ -17,9 +17,11 @@ from configs import grpo
 
 def get_config():
     c = grpo.get_config()
+    c.mode = "grpo"                  # OThink-MR1 is RL only
     c.model.hf_path = "/path/to/Qwen2-VL-2B-Instruct"
     c.model.dtype = "bfloat16"
     c.data.fields = "r1v"
+    c.sft.annotator_miss_rate = 0.0  # (mode sft_then_grpo) use your SFT rows as they are
     c.data.train_files = "clevr_counting.jsonl"
     c.data.eval_files = "superclevr200.jsonl"
     c.data.image_size = 392          # fixed bucket; max_pixels 401408 in the paper (~ 633 x 633)
@@ -37,6 +39,7 @@ def get_config():
     c.rl.micro_batches = 8
     c.total_steps = 200              # 2 epochs over the few-shot training set at 16 prompts per step
     c.optim.learning_rate = 1e-6
+    c.optim.warmup_steps = 0
     c.optim.grad_clip = 1.0
     c.checkpoint.every_steps = 50
     c.eval.every_steps = 50

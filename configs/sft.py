@@ -13,7 +13,8 @@ from configs import grpo
 def get_config():
     c = grpo.get_config()
     c.mode = "sft"
-    c.sft.steps = 50
-    c.sft.learning_rate = 5e-3
+    c.sft.steps = 800
+    c.sft.learning_rate = 5e-4
+    c.sft.annotator_miss_rate = 0.0  # exact traces
     c.eval.every_steps = 0
     return c

@@ -28,6 +28,7 @@ def get_config():
     c.sft.steps = 12500              # 200K samples x 2 epochs / global batch 32
     c.sft.learning_rate = 5e-6
     c.sft.warmup_fraction = 0.05
+    c.sft.annotator_miss_rate = 0.0  # real cold-start data: traces used as they are
     c.rl.beta_schedule = "constant"
     c.rl.beta = 0.01
     c.rl.kl_estimator = "k3"

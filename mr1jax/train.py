@@ -26,7 +26,7 @@ from mr1jax import sharding
 from mr1jax.checkpoint import Checkpointer, PreemptionGuard
 from mr1jax.data.pipeline import make_rl_dataset
 from mr1jax.data.rows import RowSource
-from mr1jax.data.sft import sft_batch, sft_examples_for_step
+from mr1jax.data.sft import annotator_trace, sft_batch, sft_examples_for_step
 from mr1jax.data.tasks import TASKS
 from mr1jax.data.tokenizer import load_tokenizer, model_token_ids
 from mr1jax.models.qwen2_vl import Qwen2VL, Qwen2VLConfig, prepare_inputs
@@ -90,6 +90,9 @@ def validate_config(c: ml_collections.ConfigDict) -> list[Stage]:
     if c.rl.beta_min > c.rl.beta_max or min(c.rl.beta_min, c.rl.beta, 0.0) < 0:
         raise ConfigError(f"config.rl needs 0 <= beta_min <= beta_max and beta >= 0, got beta_min={c.rl.beta_min}, "
                           f"beta_max={c.rl.beta_max}, beta={c.rl.beta}")
+    if not 0.0 <= c.sft.annotator_miss_rate <= 1.0 or c.sft.annotator_min_count < 1:
+        raise ConfigError(f"config.sft.annotator_miss_rate must be in [0, 1] and annotator_min_count >= 1, got "
+                          f"{c.sft.annotator_miss_rate}, {c.sft.annotator_min_count}")
     if not c.data.train_files and c.data.num_train < c.data.batch_size:
         raise ConfigError(f"config.data.num_train = {c.data.num_train} is smaller than one batch "
                           f"({c.data.batch_size})")
@@ -175,6 +178,11 @@ def combine_reward(kind: str, acc: np.ndarray, fmt: np.ndarray, alpha: float) ->
     if kind == "hard":
         return acc * fmt
     return acc if kind == "accuracy" else fmt
+
+
+def recent_step_time(times: list[float]) -> float:
+    """Median of the last 10 step times of the current phase, leaving out its first (compiling) step."""
+    return float(np.median((times[1:] or times)[-10:]))
 
 
 def read_before_rl(workdir: str) -> dict[str, dict[str, float]]:
@@ -329,6 +337,27 @@ def evaluate(model, tokenizer, rows, c, stage: Stage) -> dict[str, float]:
             "eval_completion_len": float(np.concatenate(lens).mean())}
 
 
+def sample_completions(model, tokenizer, rows, c, *, num: int = 8, max_new_tokens: int | None = None,
+                       temperature: float = 0.0, seed: int = 0) -> list[dict[str, Any]]:
+    """The model's completions for the first `num` rows (greedy by default), scored like the evaluation.
+
+    Returns [{"question", "answer", "completion", "accuracy", "format"}] in row order (for notebooks/demos).
+    """
+    ds = make_rl_dataset([rows[i] for i in range(num)], tokenizer=tokenizer, batch_size=num,
+                         image_size=c.data.image_size, prompt_buckets=(c.data.prompt_bucket,), seed=seed,
+                         shuffle=False, num_epochs=1, question_template=c.data.question_template,
+                         pad_to_max_bucket=True)
+    batch = next(iter(ds))
+    ro = generate(model, batch.input_ids, batch.attention_mask, batch.pixel_values, batch.image_grid_thw,
+                  num_samples=1, max_new_tokens=max_new_tokens or c.rollout.max_new_tokens,
+                  temperature=temperature, rng=jax.random.key(seed))
+    texts = decode_completions(tokenizer, np.asarray(ro.tokens), np.asarray(ro.mask))
+    answers = [str(a) for a in batch.answers]
+    acc, fmt, _ = reward_parts(texts, answers, c.rl.reward_timeout_s)
+    return [{"question": rows[i]["question"], "answer": answers[i], "completion": texts[i],
+             "accuracy": float(acc[i]), "format": float(fmt[i])} for i in range(num)]
+
+
 # ---------------------------------------------------------------------------------------------- the loop
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     """Run (or resume) training in `workdir`; returns the final metrics."""
@@ -410,13 +439,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     sft_fn = jax.jit(sft_update, static_argnames=("graphdef", "tx", "patch_segments"))
     end = total if c.max_steps < 0 else min(total, start + c.max_steps)
     sft_rows = train_rows
+    sft_trace = annotator_trace(c.sft.annotator_miss_rate, c.sft.annotator_min_count, c.seed)
     sft_len = c.data.prompt_bucket + max(s.max_new_tokens for s in stages)
 
     def sft_phase_step(step: int):
         t0 = time.perf_counter()
         examples = sft_examples_for_step(sft_rows, step, c.data.batch_size, c.seed)
         b = sft_batch(tokenizer, examples, image_size=c.data.image_size, seq_len=sft_len,
-                      question_template=c.data.question_template)
+                      question_template=c.data.question_template, response_fn=sft_trace)
         extra = prepare_inputs(model.config, b["input_ids"], b["attention_mask"], b["image_grid_thw"])
         dev = dict(input_ids=jnp.asarray(b["input_ids"]), attention_mask=jnp.asarray(b["attention_mask"]),
                    loss_mask=jnp.asarray(b["loss_mask"]), position_ids=jnp.asarray(extra.position_ids),
@@ -446,7 +476,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 writer.write(step, last)
                 if step % c.log_every == 0 or step == sft_steps:
                     say(f"sft step {step}/{end} loss {last['sft_loss']:.4f} grad_norm {last['grad_norm']:.3f} "
-                        f"| {last['time_step']:.2f}s | eta {(end - step) * float(np.median(step_times[-10:])):.0f}s")
+                        f"| {last['time_step']:.2f}s | eta {(end - step) * recent_step_time(step_times):.0f}s")
                 if step == sft_steps and rl_steps:
                     # RL starts from the SFT model: it becomes the frozen reference; fresh optimizer state
                     ref_params = jax.tree.map(jnp.copy, params) if kl_on else None
@@ -491,7 +521,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             t3 = time.perf_counter()
             step += 1
             step_times.append(t3 - t0)
-            eta = (end - step) * float(np.median(step_times[-10:]))
+            eta = (end - step) * recent_step_time(step_times)
             last = dict(info, **{k: m[k] for k in ("loss", "policy_loss", "beta", "grad_norm", "clip_frac")},
                         kl=m.get("kl", 0.0), stage=stage_idx, time_rollout=t1 - t0, time_reference=t2 - t1,
                         time_update=t3 - t2, time_step=t3 - t0)

@@ -18,6 +18,8 @@ REAL_REWARD_PARTS = __import__("mr1jax.train", fromlist=["reward_parts"]).reward
 
 def tiny_config(train_files: str):
     c = get_config()
+    c.mode, c.optim.warmup_steps = "grpo", 0                     # the demo's SFT phase and sizes: too slow here
+    c.model.tiny.hidden_size, c.model.tiny.vision_depth = 64, 1
     c.total_steps = 1
     c.model.tiny.num_layers = 1                                  # compile time
     c.data.num_train, c.data.num_eval, c.data.batch_size = 8, 4, 2

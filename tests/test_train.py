@@ -23,6 +23,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def tiny_config(**overrides):
     c = get_config()
+    c.mode, c.optim.warmup_steps = "grpo", 0                     # the demo's SFT phase and sizes: too slow here
+    c.model.tiny.hidden_size, c.model.tiny.vision_depth = 64, 1
     c.total_steps = 4
     c.data.num_train, c.data.num_eval, c.data.batch_size = 8, 4, 2
     c.data.image_size, c.data.prompt_bucket = 28, 64
@@ -206,3 +208,23 @@ def test_trains_on_user_jsonl_and_names_corrupt_rows(tmp_path):
     c = tiny_config(total_steps=2, **{"data.train_files": str(bad), "data.batch_size": 4})
     with pytest.raises(DataError, match=r"train.jsonl line 2"):
         train_and_evaluate(c, str(tmp_path / "run_bad"))
+
+
+def test_shortened_default_command_writes_finite_summary_and_curves(tmp_path):
+    """The README's main command with the default config, cut to a few steps of each phase."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "mr1jax.train", "--config=configs/grpo.py", f"--workdir={tmp_path}",
+         "--config.sft.steps=3", "--config.total_steps=2", "--config.data.num_train=64",
+         "--config.data.num_eval=16", "--config.eval.num_batches=1", "--config.export_hf=False"],
+        cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "sft step 3/5" in proc.stdout and "step 5/5" in proc.stdout and "before RL, geometry" in proc.stdout
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["mode"] == "sft_then_grpo" and (summary["sft_steps"], summary["rl_steps"]) == (3, 2)
+    for task in ("counting", "geometry"):
+        for part in ("before_rl", "after_rl"):
+            values = summary["tasks"][task][part]
+            assert set(values) == {"eval_accuracy", "eval_format_rate", "eval_completion_len"}
+            assert all(np.isfinite(v) for v in values.values())
+    png = (tmp_path / "curves.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000

@@ -10,6 +10,7 @@ so resuming at any step reproduces the same data order without iterator state.
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -23,6 +24,26 @@ def reasoning_trace(example: dict[str, Any]) -> str:
     """A minimal response for rows that only carry a short answer: a one-line `<think>`, then the answer.
     Real cold-start data provides its own chain-of-thought responses (pass `response_fn`)."""
     return f"<think>I look at the image.</think><answer>{example['answer']}</answer>"
+
+
+def annotator_trace(miss_rate: float, min_count: int, seed: int) -> Callable[[dict[str, Any]], str]:
+    """`reasoning_trace` as written by a simulated imperfect annotator (cold-start data is model-generated in
+    Vision-R1, so it carries systematic errors): for an integer answer >= `min_count` it overlooks one item
+    (reports answer - 1) with probability `miss_rate`, decided per example by a hash of (seed, id), so every
+    epoch shows the same label. miss_rate 0 gives the exact traces.
+
+    With miss_rate > 0.5 an imitating model learns to undercount scenes of `min_count` or more items; the
+    accuracy reward of RL then has something to correct that more supervised steps on the same data do not.
+    """
+    def trace(example: dict[str, Any]) -> str:
+        answer = str(example["answer"]).strip()
+        if miss_rate > 0 and answer.isdigit() and int(answer) >= min_count:
+            key = f"{seed}:{example.get('id', example.get('question'))}".encode()
+            if int.from_bytes(hashlib.sha256(key).digest()[:8], "big") / 2.0 ** 64 < miss_rate:
+                answer = str(int(answer) - 1)
+        return reasoning_trace({**example, "answer": answer})
+
+    return trace
 
 
 def sft_batch(tokenizer: Any, examples: Sequence[dict[str, Any]], *, image_size: int, seq_len: int,
