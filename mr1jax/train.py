@@ -463,6 +463,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     step_times: list[float] = []
     say(f"training steps {start} -> {end} of {total} ({sft_steps} SFT + {rl_steps} RL)")
     if start == 0 and sft_steps == 0 and rl_steps:
+        say("evaluating the starting model on the held-out splits")
         before_rl = evaluate_tasks(model, tokenizer, eval_rows, c, stages[0])
         log_before_rl(writer, 0, before_rl, say)
     with PreemptionGuard() as guard:
@@ -481,6 +482,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                     # RL starts from the SFT model: it becomes the frozen reference; fresh optimizer state
                     ref_params = jax.tree.map(jnp.copy, params) if kl_on else None
                     opt_state = sharding.place_on_mesh(tx.init(params), mesh)
+                    say("SFT done; evaluating on the held-out splits before RL")
                     before_rl = evaluate_tasks(model, tokenizer, eval_rows, c, stages[0])
                     log_before_rl(writer, step, before_rl, say)
                     step_times.clear()   # the ETA of the RL phase comes from RL steps only
@@ -494,6 +496,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                     return last
                 continue
             rl_step = step - sft_steps
+            if step in (start, sft_steps):
+                say("first RL step: compiling the sampler, reference and update")
             stage_idx, stage = stage_at(stages, rl_step)
             rng, sample_rng = jax.random.split(rng)
             batch = next(data_iter)
@@ -548,6 +552,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             if step % c.checkpoint.every_steps == 0 or is_stage_boundary(stages, step - sft_steps) or step == end:
                 save(step)
     final_stage = stage_at(stages, max(end - 1 - sft_steps, 0))[1]
+    say("final evaluation on the held-out splits")
     after = evaluate_tasks(model, tokenizer, eval_rows, c, final_stage)
     ev = next(iter(after.values()))
     writer.write(end, ev)
