@@ -24,6 +24,14 @@ def plot_curves(workdir: str, out: str | None = None) -> str:
     rows = read_metrics(workdir)
     train = [r for r in rows if "loss" in r]
     evals = [r for r in rows if "eval_accuracy" in r]
+    # the evaluation before RL is logged per task as before_rl/<task>/<metric>; the training task comes first
+    for r in rows:
+        before = [k for k in r if k.startswith("before_rl/") and k.endswith("/eval_accuracy")]
+        if before:
+            prefix = before[0][: -len("eval_accuracy")]
+            evals.insert(0, {"step": r["step"], "eval_accuracy": r[before[0]],
+                             "eval_format_rate": r.get(prefix + "eval_format_rate", float("nan"))})
+            break
     fig, axes = plt.subplots(2, 3, figsize=(12, 6.5))
     for ax, (key, title) in zip(axes.flat, PANELS):
         ax.plot([r["step"] for r in train], [r.get(key, float("nan")) for r in train], lw=1.2)
