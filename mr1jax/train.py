@@ -201,10 +201,15 @@ def read_before_rl(workdir: str) -> dict[str, dict[str, float]]:
     return out
 
 
+def main_task_name(c: ml_collections.ConfigDict) -> str:
+    """The key of the training task's metrics: the synthetic task's name, or "eval" for the user's files."""
+    return "eval" if c.data.train_files else c.data.task
+
+
 def evaluate_tasks(model, tokenizer, eval_rows, c, stage: Stage) -> dict[str, dict[str, float]]:
-    """Held-out metrics on the training task (key: its name, or "eval" for user files) and, when training on
-    a synthetic task, on every other synthetic task (cross-task transfer)."""
-    out = {c.data.task if not c.data.train_files else "eval": evaluate(model, tokenizer, eval_rows, c, stage)}
+    """Held-out metrics on the training task (key: `main_task_name`) and, when training on a synthetic task,
+    on every other synthetic task (cross-task transfer)."""
+    out = {main_task_name(c): evaluate(model, tokenizer, eval_rows, c, stage)}
     if not c.data.train_files:
         for task in TASKS:
             if task != c.data.task:
@@ -226,7 +231,7 @@ def write_summary(workdir: str, c, before: dict[str, dict[str, float]], after: d
     ``tasks[<task>] = {"before_rl": {...}, "after_rl": {...}, "accuracy_gain": after - before}``; the
     training task comes first and is repeated at the top level (``before_rl`` / ``after_rl``).
     """
-    main = c.data.task if not c.data.train_files else "eval"
+    main = main_task_name(c)
     tasks = {}
     for t, ev in after.items():
         b = before.get(t, {})
@@ -312,25 +317,35 @@ def select_groups(batch: dict[str, jax.Array], groups: np.ndarray, g: int, promp
     return out
 
 
+def _eval_batches(rows, tokenizer, c, batch_size: int):
+    """Held-out prompt batches in row order (fixed shapes, the training prompt template)."""
+    return make_rl_dataset(rows, tokenizer=tokenizer, batch_size=batch_size, image_size=c.data.image_size,
+                           prompt_buckets=(c.data.prompt_bucket,), seed=c.seed, shuffle=False, num_epochs=1,
+                           question_template=c.data.question_template, pad_to_max_bucket=True)
+
+
+def _complete_and_score(model, tokenizer, batch, c, max_new_tokens: int, temperature: float = 0.0, rng=None):
+    """One completion per prompt of `batch`: (texts, accuracy [B], format [B], completion lengths [B])."""
+    ro = generate(model, batch.input_ids, batch.attention_mask, batch.pixel_values, batch.image_grid_thw,
+                  num_samples=1, max_new_tokens=max_new_tokens, temperature=temperature, rng=rng)
+    mask = np.asarray(ro.mask)
+    texts = decode_completions(tokenizer, np.asarray(ro.tokens), mask)
+    acc, fmt, _ = reward_parts(texts, [str(a) for a in batch.answers], c.rl.reward_timeout_s)
+    return texts, acc, fmt, mask.sum(1)
+
+
 def evaluate(model, tokenizer, rows, c, stage: Stage) -> dict[str, float]:
     """Greedy rollouts on held-out rows: accuracy, format rate, mean completion length ({} without rows)."""
     if rows is None:
         return {}
-    ds = make_rl_dataset(rows, tokenizer=tokenizer, batch_size=c.data.batch_size, image_size=c.data.image_size,
-                         prompt_buckets=(c.data.prompt_bucket,), seed=c.seed, shuffle=False, num_epochs=1,
-                         question_template=c.data.question_template, pad_to_max_bucket=True)
     accs, fmts, lens = [], [], []
-    for i, batch in enumerate(ds):
+    for i, batch in enumerate(_eval_batches(rows, tokenizer, c, c.data.batch_size)):
         if i >= c.eval.num_batches:
             break
-        ro = generate(model, batch.input_ids, batch.attention_mask, batch.pixel_values, batch.image_grid_thw,
-                      num_samples=1, max_new_tokens=stage.max_new_tokens, temperature=0.0)
-        tokens, mask = np.asarray(ro.tokens), np.asarray(ro.mask)
-        texts = decode_completions(tokenizer, tokens, mask)
-        acc, fmt, _ = reward_parts(texts, [str(a) for a in batch.answers], c.rl.reward_timeout_s)
+        _, acc, fmt, length = _complete_and_score(model, tokenizer, batch, c, stage.max_new_tokens)
         accs.append(acc)
         fmts.append(fmt)
-        lens.append(mask.sum(1))
+        lens.append(length)
     if not accs:
         return {}
     return {"eval_accuracy": float(np.concatenate(accs).mean()), "eval_format_rate": float(np.concatenate(fmts).mean()),
@@ -343,18 +358,10 @@ def sample_completions(model, tokenizer, rows, c, *, num: int = 8, max_new_token
 
     Returns [{"question", "answer", "completion", "accuracy", "format"}] in row order (for notebooks/demos).
     """
-    ds = make_rl_dataset([rows[i] for i in range(num)], tokenizer=tokenizer, batch_size=num,
-                         image_size=c.data.image_size, prompt_buckets=(c.data.prompt_bucket,), seed=seed,
-                         shuffle=False, num_epochs=1, question_template=c.data.question_template,
-                         pad_to_max_bucket=True)
-    batch = next(iter(ds))
-    ro = generate(model, batch.input_ids, batch.attention_mask, batch.pixel_values, batch.image_grid_thw,
-                  num_samples=1, max_new_tokens=max_new_tokens or c.rollout.max_new_tokens,
-                  temperature=temperature, rng=jax.random.key(seed))
-    texts = decode_completions(tokenizer, np.asarray(ro.tokens), np.asarray(ro.mask))
-    answers = [str(a) for a in batch.answers]
-    acc, fmt, _ = reward_parts(texts, answers, c.rl.reward_timeout_s)
-    return [{"question": rows[i]["question"], "answer": answers[i], "completion": texts[i],
+    batch = next(iter(_eval_batches([rows[i] for i in range(num)], tokenizer, c, num)))
+    texts, acc, fmt, _ = _complete_and_score(model, tokenizer, batch, c, max_new_tokens or c.rollout.max_new_tokens,
+                                             temperature, jax.random.key(seed))
+    return [{"question": rows[i]["question"], "answer": str(batch.answers[i]), "completion": texts[i],
              "accuracy": float(acc[i]), "format": float(fmt[i])} for i in range(num)]
 
 
