@@ -26,10 +26,11 @@ class Dense(nnx.Module):
                      if use_bias else None)
         self.dtype = dtype
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        y = jnp.dot(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
+    def __call__(self, x: jax.Array, out_dtype=None) -> jax.Array:
+        """x [..., in] -> [..., out] in the compute dtype, or accumulated and returned in `out_dtype`."""
+        y = jnp.dot(x.astype(self.dtype), self.kernel[...].astype(self.dtype), preferred_element_type=out_dtype)
         if self.bias is not None:
-            y = y + self.bias[...].astype(self.dtype)
+            y = y + self.bias[...].astype(y.dtype)
         return y
 
 
@@ -43,8 +44,9 @@ class Embed(nnx.Module):
     def __call__(self, ids: jax.Array) -> jax.Array:
         return jnp.take(self.embedding[...], ids, axis=0).astype(self.dtype)
 
-    def attend(self, x: jax.Array) -> jax.Array:
-        return jnp.dot(x.astype(self.dtype), self.embedding[...].astype(self.dtype).T)
+    def attend(self, x: jax.Array, out_dtype=None) -> jax.Array:
+        """x [..., hidden] -> logits [..., vocab]; `out_dtype` (e.g. float32) accumulates the matmul in it."""
+        return jnp.dot(x.astype(self.dtype), self.embedding[...].astype(self.dtype).T, preferred_element_type=out_dtype)
 
 
 class RMSNorm(nnx.Module):

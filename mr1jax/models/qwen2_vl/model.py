@@ -119,11 +119,16 @@ class Qwen2VL(nnx.Module):
         idx = jnp.clip(idx, 0, image_features.shape[0] - 1).reshape(input_ids.shape)
         return jnp.where(is_image[..., None], image_features.astype(x.dtype)[idx], x)
 
-    def logits(self, hidden: jax.Array) -> jax.Array:
-        """[..., hidden] -> [..., vocab] (fp32 for bf16 models is left to callers that need it)."""
+    def logits(self, hidden: jax.Array, out_dtype=jnp.float32) -> jax.Array:
+        """[..., hidden] -> [..., vocab] in `out_dtype`.
+
+        The matmul runs on compute-dtype (e.g. bf16) inputs and accumulates in `out_dtype` (fp32 by default,
+        `preferred_element_type`), so log-softmax and sampling see fp32 logits without an fp32 weight copy.
+        `out_dtype=None` returns the compute dtype.
+        """
         if self.lm_head is None:
-            return self.model.embed_tokens.attend(hidden)
-        return self.lm_head(hidden)
+            return self.model.embed_tokens.attend(hidden, out_dtype)
+        return self.lm_head(hidden, out_dtype)
 
     def decode_hidden(self, embeds: jax.Array, position_ids: jax.Array, mask: jax.Array,
                       cache: list[LayerCache] | None = None, cache_index: jax.Array | int = 0):
@@ -157,7 +162,7 @@ class Qwen2VL(nnx.Module):
           pixel_values: [N, patch_dim] for all images of the batch in row-major order, or None.
           patch_pos, patch_segments: from `prepare_inputs` (patch_segments as a static int when uniform).
         Returns:
-          logits [B, L, vocab] in the compute dtype.
+          logits [B, L, vocab] in float32 (bf16 matmul inputs, fp32 accumulation).
         """
         feats = None
         if pixel_values is not None:
