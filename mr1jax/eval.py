@@ -321,7 +321,7 @@ def resolve(args: argparse.Namespace) -> dict[str, Any]:
 
 def load_rows(cfg: dict[str, Any]) -> tuple[Sequence[Mapping[str, Any]], int, int]:
     """(rows, how many of them to evaluate, rows skipped while loading), via the trainer's `build_rows`."""
-    from mr1jax.train import build_rows
+    from mr1jax.build import build_rows
 
     c = ml_collections.ConfigDict(dict(
         seed=cfg["data_seed"],
@@ -354,11 +354,11 @@ def run_eval(args: argparse.Namespace) -> dict[str, Any]:
     """Evaluate as the parsed flags say; returns the result dict (also written to the output file)."""
     import jax
 
-    from mr1jax import sharding
+    from mr1jax import rollout, sharding
+    from mr1jax.build import build_model
     from mr1jax.data.pipeline import make_rl_dataset
     from mr1jax.rl import rewards as rw
     from mr1jax.sampling import generate
-    from mr1jax.train import build_model, decode_completions, reward_parts
 
     t0 = time.perf_counter()
     cfg = resolve(args)
@@ -420,9 +420,9 @@ def run_eval(args: argparse.Namespace) -> dict[str, Any]:
                       num_samples=k, max_new_tokens=cfg["max_new_tokens"], temperature=args.temperature,
                       top_p=args.top_p, top_k=args.top_k, rng=jax.random.fold_in(key, b))
         tokens, mask = np.asarray(ro.tokens), np.asarray(ro.mask)
-        texts = decode_completions(tokenizer, tokens, mask)
+        texts = rollout.decode_completions(tokenizer, tokens, mask)
         answers = [str(a) for a in np.repeat(batch.answers, k)]
-        acc, fmt, stats = reward_parts(texts, answers, cfg["reward_timeout_s"])
+        acc, fmt, stats = rollout.reward_parts(texts, answers, cfg["reward_timeout_s"])
         errors += int(stats.get("n_errors", 0))
         timeouts += int(stats.get("n_timeouts", 0))
         lengths, truncated = mask.sum(1), np.asarray(ro.truncated)

@@ -24,7 +24,7 @@ def export_checkpoint(workdir: str, step: int | None = None, out: str | None = N
                       dtype: str | None = None) -> str:
     """Write checkpoint `step` (default: latest) of the run in `workdir` as a HF directory; returns its path."""
     from mr1jax import sharding
-    from mr1jax.train import build_model
+    from mr1jax.build import build_model
 
     with open(os.path.join(workdir, "config.json")) as f:
         config = ml_collections.ConfigDict(json.load(f))

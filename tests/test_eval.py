@@ -13,7 +13,7 @@ from mr1jax import eval as ev
 from mr1jax.data.tasks import TASKS, counting_examples
 
 NEW_TOKENS = 6
-REAL_REWARD_PARTS = __import__("mr1jax.train", fromlist=["reward_parts"]).reward_parts
+REAL_REWARD_PARTS = __import__("mr1jax.rollout", fromlist=["reward_parts"]).reward_parts
 
 
 def tiny_config(train_files: str):
@@ -60,13 +60,14 @@ def _text_reward(kind: str):
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     """A one-step training run (checkpoint at step 1 and the exported `hf/` directory) and its rows file."""
+    import mr1jax.rollout
     import mr1jax.train
 
     root = tmp_path_factory.mktemp("eval_run")
     rows = write_rows(root, 4)
     workdir = root / "run"
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(mr1jax.train, "reward_parts", _text_reward("graded"))
+        mp.setattr(mr1jax.rollout, "reward_parts", _text_reward("graded"))
         mr1jax.train.train_and_evaluate(tiny_config(str(rows)), str(workdir))
     assert (workdir / "checkpoints" / "1").is_dir() and (workdir / "hf" / "config.json").is_file()
     return workdir, rows
@@ -121,7 +122,7 @@ def test_restore_params_loads_the_trained_checkpoint(run):
 
     from mr1jax import sharding
     from mr1jax.models.qwen2_vl.hf import load_pretrained
-    from mr1jax.train import build_model
+    from mr1jax.build import build_model
 
     workdir, _ = run
     config = ml_collections.ConfigDict(json.loads((workdir / "config.json").read_text()))
@@ -137,10 +138,10 @@ def test_restore_params_loads_the_trained_checkpoint(run):
 
 
 def test_sampled_pass_at_k_on_jsonl_rows_is_reproducible(run, tmp_path, monkeypatch):
-    import mr1jax.train
+    import mr1jax.rollout
 
     workdir, rows = run
-    monkeypatch.setattr(mr1jax.train, "reward_parts", _text_reward("parity"))
+    monkeypatch.setattr(mr1jax.rollout, "reward_parts", _text_reward("parity"))
     args = [f"--workdir={workdir}", f"--data_files={rows}", "--fields=generic", "--temperature=1.0",
             "--num_samples=2", "--num_shown=4"]   # batch 2 x G 2: the training rollout's shapes
     first = ev.main(args + ["--seed=5", f"--output={tmp_path / 'a.json'}"])

@@ -16,7 +16,8 @@ import pytest
 
 from configs.grpo import get_config
 from mr1jax.checkpoint import Checkpointer
-from mr1jax.train import ConfigError, train_and_evaluate, validate_config
+from mr1jax.config import ConfigError, validate_config
+from mr1jax.train import train_and_evaluate
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -52,10 +53,36 @@ def tiny_config(**overrides):
                             r"config.data.batch_size = 2"),
     ("rl.ptst_stages", "16x4", r"rl.ptst_stages: cannot parse '16x4'"),
     ("rollout.top_p", 0.0, r"0 < top_p <= 1"),
+    ("rl.reward", "shaped", r"config.rl.reward = 'shaped'; allowed values: othink, hard, accuracy, format"),
+    ("rl.advantage_scale", "rank", r"allowed values: group, batch, none"),
+    ("model.dtype", "float16", r"config.model.dtype = 'float16'; allowed values: float32, bfloat16"),
+    ("mode", "dpo", r"allowed values: grpo, sft, sft_then_grpo"),
 ])
 def test_bad_config_names_field_before_compiling(field, value, match):
     with pytest.raises(ConfigError, match=match):
         validate_config(tiny_config(**{field: value}))
+
+
+def test_trainer_reward_combination_is_the_reward_functions():
+    """The loop scores accuracy in worker processes and format inline, then combines them with the rewards
+    module's table: every kind must equal the reward function of the same name, sample by sample."""
+    from mr1jax.rl import rewards as rw
+
+    t = "<think>two cubes, one ball</think>"
+    texts = [f"{t}<answer>3</answer>", f"{t}<answer>4</answer>", "<answer>3</answer>", "3", f"{t}<answer></answer>"]
+    answers = ["3"] * len(texts)
+    acc = np.array([rw.accuracy_reward(x, a) for x, a in zip(texts, answers)], np.float32)
+    fmt = np.array([rw.format_reward(x) for x in texts], np.float32)
+    for alpha in (1.0, 0.5):
+        np.testing.assert_array_equal(rw.combine_rewards("othink", acc, fmt, alpha),
+                                      [rw.othink_reward(x, a, alpha) for x, a in zip(texts, answers)])
+    np.testing.assert_array_equal(rw.combine_rewards("hard", acc, fmt, 1.0),
+                                  [rw.hard_format_result_reward(x, a) for x, a in zip(texts, answers)])
+    np.testing.assert_array_equal(rw.combine_rewards("accuracy", acc, fmt), acc)
+    np.testing.assert_array_equal(rw.combine_rewards("format", acc, fmt), fmt)
+    assert set(rw.REWARD_KINDS) == {"othink", "hard", "accuracy", "format"}
+    with pytest.raises(ValueError, match="unknown reward kind"):
+        rw.combine_rewards("shaped", acc, fmt)
 
 
 def _params(workdir):

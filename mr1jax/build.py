@@ -1,0 +1,47 @@
+"""Building what a training config names: the model (+ tokenizer) on a mesh, and the rows of a split."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax.numpy as jnp
+import ml_collections
+from flax import nnx
+
+from mr1jax import sharding
+from mr1jax.data.rows import RowSource
+from mr1jax.data.tasks import TASKS
+from mr1jax.data.tokenizer import load_tokenizer, model_token_ids
+from mr1jax.models.qwen2_vl import Qwen2VL, Qwen2VLConfig
+from mr1jax.models.qwen2_vl.hf import load_pretrained
+
+#: ``config.model.dtype`` values: the compute and parameter dtype of the model.
+MODEL_DTYPES: tuple[str, ...] = ("float32", "bfloat16")
+
+
+def build_model(c: ml_collections.ConfigDict, mesh) -> tuple[Qwen2VL, Any]:
+    dtype = jnp.bfloat16 if c.model.dtype == "bfloat16" else jnp.float32
+    if c.model.hf_path:
+        model = load_pretrained(c.model.hf_path, dtype=dtype, mesh=mesh)
+        tokenizer = load_tokenizer(c.model.tokenizer_path or c.model.hf_path)
+        return model, tokenizer
+    tokenizer = load_tokenizer(c.model.tokenizer_path or None)
+    cfg = Qwen2VLConfig.tiny(
+        vocab_size=len(tokenizer), hidden_size=c.model.tiny.hidden_size, num_layers=c.model.tiny.num_layers,
+        vision_depth=c.model.tiny.vision_depth, **model_token_ids(tokenizer))
+    model = Qwen2VL(cfg, rngs=nnx.Rngs(c.seed), dtype=dtype, param_dtype=dtype)
+    return sharding.shard_model(model, mesh), tokenizer
+
+
+def build_rows(c: ml_collections.ConfigDict, split: str):
+    """Rows of a split: the user's files, or the synthetic task; None for eval when only train files are set."""
+    files = c.data.train_files if split == "train" else c.data.eval_files
+    if split == "eval" and c.data.train_files and not files:
+        return None
+    if files:
+        return RowSource([f.strip() for f in files.split(",") if f.strip()], c.data.fields,
+                         skip_bad_rows=c.data.skip_bad_rows)
+    num = c.data.num_train if split == "train" else c.data.num_eval
+    return TASKS[c.data.task](num, seed=c.seed, split="train" if split == "train" else "test",
+                              image_size=c.data.image_size)
+

@@ -1,0 +1,122 @@
+"""Training config: field checks (`validate_config`) and what the trainer derives from a config.
+
+Every allowed-value table is the owning module's own: loss aggregations (`mr1jax.rl.losses`), KL
+estimators and beta schedules (`mr1jax.rl.kl`), advantage scales (`mr1jax.rl.advantages`), reward kinds
+(`mr1jax.rl.rewards`), synthetic tasks (`mr1jax.data.tasks`), model dtypes (`mr1jax.build`); the run
+modes are this module's (`MODES`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import ml_collections
+import optax
+
+from mr1jax.build import MODEL_DTYPES
+from mr1jax.data.tasks import TASKS
+from mr1jax.rl import ADVANTAGE_SCALES, KL_ESTIMATORS, LOSS_AGGREGATIONS, SCHEDULE_NAMES, make_schedule
+from mr1jax.rl.ptst import Stage, parse_stages
+from mr1jax.rl.rewards import REWARD_KINDS
+
+#: ``config.mode``: GRPO only, SFT only, or cold-start SFT then GRPO.
+MODES: tuple[str, ...] = ("grpo", "sft", "sft_then_grpo")
+
+
+class ConfigError(ValueError):
+    """A training config field holds a value mr1jax cannot use."""
+
+
+CHOICES = {
+    "model.dtype": tuple(MODEL_DTYPES),
+    "rl.beta_schedule": tuple(SCHEDULE_NAMES),
+    "rl.agg": tuple(LOSS_AGGREGATIONS),
+    "rl.kl_estimator": tuple(KL_ESTIMATORS),
+    "rl.advantage_scale": tuple(ADVANTAGE_SCALES),
+    "rl.reward": tuple(REWARD_KINDS),
+    "data.task": tuple(TASKS),
+    "mode": MODES,
+}
+POSITIVE = ("total_steps", "data.batch_size", "data.prompt_bucket", "data.image_size", "rollout.num_samples",
+            "rollout.max_new_tokens", "rl.updates_per_batch", "rl.minibatches", "rl.micro_batches", "checkpoint.every_steps",
+            "checkpoint.max_to_keep", "log_every")
+
+
+def _get(c: ml_collections.ConfigDict, dotted: str) -> Any:
+    for part in dotted.split("."):
+        c = c[part]
+    return c
+
+
+def validate_config(c: ml_collections.ConfigDict) -> list[Stage]:
+    """Check every field before anything is built or compiled; returns the rollout stages."""
+    for field, allowed in CHOICES.items():
+        if _get(c, field) not in allowed:
+            raise ConfigError(f"config.{field} = {_get(c, field)!r}; allowed values: {', '.join(allowed)}")
+    for field in POSITIVE:
+        value = _get(c, field)
+        if not isinstance(value, int) or value < 1:
+            raise ConfigError(f"config.{field} must be a positive integer, got {value!r}")
+    if c.mode != "grpo" and c.sft.steps < 1:
+        raise ConfigError(f"config.mode = {c.mode!r} needs config.sft.steps >= 1, got {c.sft.steps}")
+    if c.data.image_size % 28:
+        raise ConfigError(f"config.data.image_size = {c.data.image_size} must be a multiple of 28")
+    if c.data.batch_size % (c.rl.minibatches * c.rl.micro_batches):
+        raise ConfigError(f"config.rl.minibatches x config.rl.micro_batches = {c.rl.minibatches} x "
+                          f"{c.rl.micro_batches} must divide config.data.batch_size = {c.data.batch_size} "
+                          "(both split whole prompt groups)")
+    if not 0 < c.rollout.top_p <= 1 or c.rollout.temperature < 0 or c.rollout.top_k < 0:
+        raise ConfigError("config.rollout needs 0 < top_p <= 1, temperature >= 0 and top_k >= 0, got "
+                          f"top_p={c.rollout.top_p}, temperature={c.rollout.temperature}, top_k={c.rollout.top_k}")
+    if not 0 <= c.rl.eps_low < 1 or c.rl.eps_high < 0:
+        raise ConfigError(f"config.rl.eps_low must be in [0, 1) and eps_high >= 0, got {c.rl.eps_low}, "
+                          f"{c.rl.eps_high}")
+    if c.rl.beta_min > c.rl.beta_max or min(c.rl.beta_min, c.rl.beta, 0.0) < 0:
+        raise ConfigError(f"config.rl needs 0 <= beta_min <= beta_max and beta >= 0, got beta_min={c.rl.beta_min}, "
+                          f"beta_max={c.rl.beta_max}, beta={c.rl.beta}")
+    if not 0.0 <= c.sft.annotator_miss_rate <= 1.0 or c.sft.annotator_min_count < 1:
+        raise ConfigError(f"config.sft.annotator_miss_rate must be in [0, 1] and annotator_min_count >= 1, got "
+                          f"{c.sft.annotator_miss_rate}, {c.sft.annotator_min_count}")
+    if not c.data.train_files and c.data.num_train < c.data.batch_size:
+        raise ConfigError(f"config.data.num_train = {c.data.num_train} is smaller than one batch "
+                          f"({c.data.batch_size})")
+    try:
+        stages = parse_stages(c.rl.ptst_stages) if c.rl.ptst_stages else []
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    return stages or [Stage(c.rollout.max_new_tokens, c.rollout.num_samples, c.total_steps)]
+
+
+def beta_schedule(c: ml_collections.ConfigDict):
+    if c.rl.beta_schedule == "constant":
+        return make_schedule("constant", beta=c.rl.beta)
+    if c.rl.beta_schedule == "othink_dynamic":
+        return make_schedule("othink_dynamic", beta_min=c.rl.beta_min, beta_max=c.rl.beta_max,
+                             total_steps=c.total_steps, warmup_fraction=c.rl.warmup_fraction)
+    if c.rl.beta_schedule == "linear":
+        return make_schedule("linear", beta_min=c.rl.beta_min, beta_max=c.rl.beta_max, total_steps=c.total_steps)
+    return make_schedule("cosine", beta_start=c.rl.beta_min, beta_end=c.rl.beta_max, total_steps=c.total_steps)
+
+
+def phase_steps(c: ml_collections.ConfigDict) -> tuple[int, int]:
+    """(SFT steps, RL steps). Global step s < sft_steps is SFT; RL step = s - sft_steps."""
+    sft = c.sft.steps if c.mode != "grpo" else 0
+    return sft, (c.total_steps if c.mode != "sft" else 0)
+
+
+def make_optimizer(lr, c: ml_collections.ConfigDict) -> optax.GradientTransformation:
+    """One optimizer structure for both phases (so checkpoints of either phase have the same tree)."""
+    return optax.chain(optax.clip_by_global_norm(c.optim.grad_clip), optax.adamw(lr, weight_decay=c.optim.weight_decay))
+
+
+def uses_kl(c: ml_collections.ConfigDict) -> bool:
+    """False when beta is 0 for the whole run: the reference model is then skipped."""
+    if c.rl.beta_schedule == "constant":
+        return c.rl.beta > 0
+    return c.rl.beta_max > 0
+
+
+def main_task_name(c: ml_collections.ConfigDict) -> str:
+    """The key of the training task's metrics: the synthetic task's name, or "eval" for the user's files."""
+    return "eval" if c.data.train_files else c.data.task
+

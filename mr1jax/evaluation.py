@@ -1,0 +1,76 @@
+"""Held-out evaluation: greedy accuracy / format rate / completion length per task, and sampled completions."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import numpy as np
+
+from mr1jax import rollout
+from mr1jax.config import main_task_name
+from mr1jax.data.pipeline import make_rl_dataset
+from mr1jax.data.tasks import TASKS
+from mr1jax.rl.ptst import Stage
+from mr1jax.sampling import generate
+
+
+def _eval_batches(rows, tokenizer, c, batch_size: int):
+    """Held-out prompt batches in row order (fixed shapes, the training prompt template)."""
+    return make_rl_dataset(rows, tokenizer=tokenizer, batch_size=batch_size, image_size=c.data.image_size,
+                           prompt_buckets=(c.data.prompt_bucket,), seed=c.seed, shuffle=False, num_epochs=1,
+                           question_template=c.data.question_template, pad_to_max_bucket=True)
+
+
+def _complete_and_score(model, tokenizer, batch, c, max_new_tokens: int, temperature: float = 0.0, rng=None):
+    """One completion per prompt of `batch`: (texts, accuracy [B], format [B], completion lengths [B])."""
+    ro = generate(model, batch.input_ids, batch.attention_mask, batch.pixel_values, batch.image_grid_thw,
+                  num_samples=1, max_new_tokens=max_new_tokens, temperature=temperature, rng=rng)
+    mask = np.asarray(ro.mask)
+    texts = rollout.decode_completions(tokenizer, np.asarray(ro.tokens), mask)
+    acc, fmt, _ = rollout.reward_parts(texts, [str(a) for a in batch.answers], c.rl.reward_timeout_s)
+    return texts, acc, fmt, mask.sum(1)
+
+
+def evaluate(model, tokenizer, rows, c, stage: Stage) -> dict[str, float]:
+    """Greedy rollouts on held-out rows: accuracy, format rate, mean completion length ({} without rows)."""
+    if rows is None:
+        return {}
+    accs, fmts, lens = [], [], []
+    for i, batch in enumerate(_eval_batches(rows, tokenizer, c, c.data.batch_size)):
+        if i >= c.eval.num_batches:
+            break
+        _, acc, fmt, length = _complete_and_score(model, tokenizer, batch, c, stage.max_new_tokens)
+        accs.append(acc)
+        fmts.append(fmt)
+        lens.append(length)
+    if not accs:
+        return {}
+    return {"eval_accuracy": float(np.concatenate(accs).mean()), "eval_format_rate": float(np.concatenate(fmts).mean()),
+            "eval_completion_len": float(np.concatenate(lens).mean())}
+
+
+def sample_completions(model, tokenizer, rows, c, *, num: int = 8, max_new_tokens: int | None = None,
+                       temperature: float = 0.0, seed: int = 0) -> list[dict[str, Any]]:
+    """The model's completions for the first `num` rows (greedy by default), scored like the evaluation.
+
+    Returns [{"question", "answer", "completion", "accuracy", "format"}] in row order (for notebooks/demos).
+    """
+    batch = next(iter(_eval_batches([rows[i] for i in range(num)], tokenizer, c, num)))
+    texts, acc, fmt, _ = _complete_and_score(model, tokenizer, batch, c, max_new_tokens or c.rollout.max_new_tokens,
+                                             temperature, jax.random.key(seed))
+    return [{"question": rows[i]["question"], "answer": str(batch.answers[i]), "completion": texts[i],
+             "accuracy": float(acc[i]), "format": float(fmt[i])} for i in range(num)]
+
+
+def evaluate_tasks(model, tokenizer, eval_rows, c, stage: Stage) -> dict[str, dict[str, float]]:
+    """Held-out metrics on the training task (key: `main_task_name`) and, when training on a synthetic task,
+    on every other synthetic task (cross-task transfer)."""
+    out = {main_task_name(c): evaluate(model, tokenizer, eval_rows, c, stage)}
+    if not c.data.train_files:
+        for task in TASKS:
+            if task != c.data.task:
+                rows = TASKS[task](c.data.num_eval, seed=c.seed, split="test", image_size=c.data.image_size)
+                out[task] = evaluate(model, tokenizer, rows, c, stage)
+    return out
+

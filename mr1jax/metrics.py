@@ -1,0 +1,90 @@
+"""The files a run writes next to its checkpoints: metrics.jsonl (+ TensorBoard), summary.json; step timing."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Any
+
+import numpy as np
+
+from mr1jax.config import main_task_name, phase_steps
+
+
+def recent_step_time(times: list[float]) -> float:
+    """Median of the last 10 step times of the current phase, leaving out its first (compiling) step."""
+    return float(np.median((times[1:] or times)[-10:]))
+
+
+def read_before_rl(workdir: str) -> dict[str, dict[str, float]]:
+    """Held-out metrics per task logged just before RL began (kept in metrics.jsonl, so resumed runs find them).
+
+    Logged as ``before_rl/<task>/<metric>``; returns {task: {metric: value}}.
+    """
+    path = os.path.join(workdir, "metrics.jsonl")
+    out: dict[str, dict[str, float]] = {}
+    if os.path.exists(path):
+        for line in open(path):
+            for k, v in json.loads(line).items():
+                if k.startswith("before_rl/"):
+                    _, task, metric = k.split("/", 2)
+                    out.setdefault(task, {})[metric] = v
+    return out
+
+
+def log_before_rl(writer: "MetricsWriter", step: int, per_task: dict[str, dict[str, float]], say) -> None:
+    writer.write(step, {f"before_rl/{t}/{k}": v for t, ev in per_task.items() for k, v in ev.items()})
+    for t, ev in per_task.items():
+        say(f"before RL, {t}: " + " ".join(f"{k} {v:.3f}" for k, v in ev.items()))
+
+
+def write_summary(workdir: str, c, before: dict[str, dict[str, float]], after: dict[str, dict[str, float]],
+                  wall_s: float) -> dict[str, Any]:
+    """`<workdir>/summary.json`: held-out accuracy / format rate / length before and after RL, per task.
+
+    ``tasks[<task>] = {"before_rl": {...}, "after_rl": {...}, "accuracy_gain": after - before}``; the
+    training task comes first and is repeated at the top level (``before_rl`` / ``after_rl``).
+    """
+    main = main_task_name(c)
+    tasks = {}
+    for t, ev in after.items():
+        b = before.get(t, {})
+        gain = ev["eval_accuracy"] - b["eval_accuracy"] if "eval_accuracy" in b and "eval_accuracy" in ev else None
+        tasks[t] = {"before_rl": b, "after_rl": ev, "accuracy_gain": gain}
+    sft_steps, rl_steps = phase_steps(c)
+    summary = {"task": c.data.task if not c.data.train_files else c.data.train_files, "mode": c.mode,
+               "seed": c.seed, "sft_steps": sft_steps, "rl_steps": rl_steps, "beta_schedule": c.rl.beta_schedule,
+               "wall_time_s": round(wall_s, 1), "before_rl": before.get(main, {}), "after_rl": after.get(main, {}),
+               "tasks": tasks}
+    with open(os.path.join(workdir, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+    return summary
+
+
+class MetricsWriter:
+    """JSONL (`<workdir>/metrics.jsonl`), TensorBoard event files (tensorboardX) and a console line."""
+
+    def __init__(self, workdir: str):
+        self.path = os.path.join(workdir, "metrics.jsonl")
+        self.file = open(self.path, "a")
+        try:
+            from tensorboardX import SummaryWriter
+            self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+        except ImportError:  # pragma: no cover - tensorboardX is a dependency
+            self.tb = None
+
+    def write(self, step: int, metrics: dict[str, float]) -> None:
+        self.file.write(json.dumps({"step": step, **metrics}) + "\n")
+        self.file.flush()
+        if self.tb is not None:
+            for k, v in metrics.items():
+                if isinstance(v, (int, float)) and math.isfinite(v):
+                    self.tb.add_scalar(k, v, step)
+            self.tb.flush()
+
+    def close(self) -> None:
+        self.file.close()
+        if self.tb is not None:
+            self.tb.close()
+

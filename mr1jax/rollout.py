@@ -1,0 +1,71 @@
+"""One RL step's rollout: sample G completions per prompt, score them, build the update batch."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mr1jax.models.qwen2_vl import prepare_inputs
+from mr1jax.rl import group_advantages
+from mr1jax.rl import rewards as rw
+from mr1jax.rl.ptst import Stage
+from mr1jax.sampling import generate
+
+
+def decode_completions(tokenizer, tokens: np.ndarray, mask: np.ndarray) -> list[str]:
+    """Completion texts as they are scored: pad after the stop token, special tokens dropped."""
+    return tokenizer.batch_decode(np.where(mask > 0, tokens, tokenizer.pad_token_id), skip_special_tokens=True)
+
+
+def reward_parts(completions: list[str], answers: list[str], timeout_s: float) -> tuple[np.ndarray, np.ndarray, dict]:
+    """(accuracy [N], format [N], runner stats): accuracy in worker processes with a deadline per sample.
+
+    `rw.combine_rewards` (the `rw.REWARD_KINDS` table) turns them into the reward of ``config.rl.reward``.
+    """
+    acc, stats = rw.score_batch(rw.accuracy_reward, completions, answers, timeout_s=timeout_s)
+    fmt = np.array([rw.format_reward(t) for t in completions], np.float32)
+    return acc, fmt, stats
+
+
+def rollout_batch(model, tokenizer, batch, stage: Stage, c, rng) -> tuple[dict, dict]:
+    """Sample G completions per prompt, score them, and build the update batch (device arrays)."""
+    g = stage.num_samples
+    ro = generate(model, batch.input_ids, batch.attention_mask, batch.pixel_values, batch.image_grid_thw,
+                  num_samples=g, max_new_tokens=stage.max_new_tokens, temperature=c.rollout.temperature,
+                  top_p=c.rollout.top_p, top_k=c.rollout.top_k, rng=rng)
+    tokens, mask = np.asarray(ro.tokens), np.asarray(ro.mask)
+    texts = decode_completions(tokenizer, tokens, mask)
+    answers = [str(a) for a in np.repeat(batch.answers, g)]
+    acc, fmt, stats = reward_parts(texts, answers, c.rl.reward_timeout_s)
+    rewards = rw.combine_rewards(c.rl.reward, acc, fmt, c.rl.alpha)
+    adv = group_advantages(jnp.asarray(rewards), g, scale=c.rl.advantage_scale)
+    full_ids = np.concatenate([np.repeat(batch.input_ids, g, 0), tokens], 1)
+    full_mask = np.concatenate([np.repeat(batch.attention_mask, g, 0), mask], 1)
+    cfg = model.config
+    positions = prepare_inputs(cfg, full_ids, full_mask, np.repeat(batch.image_grid_thw, g, 0)).position_ids
+    prompt_extra = prepare_inputs(cfg, batch.input_ids, batch.attention_mask, batch.image_grid_thw)
+    device_batch = dict(input_ids=jnp.asarray(full_ids), attention_mask=jnp.asarray(full_mask),
+                        position_ids=jnp.asarray(positions), pixel_values=jnp.asarray(batch.pixel_values),
+                        patch_pos=jnp.asarray(prompt_extra.patch_pos), completion_mask=ro.mask,
+                        old_logps=ro.logprobs, advantages=adv)
+    info = dict(reward=float(rewards.mean()), accuracy=float(acc.mean()), format_rate=float(fmt.mean()),
+                completion_len=float(mask.sum(1).mean()), truncated_frac=float(np.asarray(ro.truncated).mean()),
+                reward_errors=int(stats.get("n_errors", 0)), reward_timeouts=int(stats.get("n_timeouts", 0)),
+                reward_std=float(rewards.std()), sample=texts[0][:200])
+    return device_batch, info
+
+
+def select_groups(batch: dict[str, jax.Array], groups: np.ndarray, g: int, prompts: int) -> dict[str, jax.Array]:
+    """The rows (and per-prompt images) of prompt groups `groups` from an update batch of `prompts` prompts."""
+    rows = (groups[:, None] * g + np.arange(g)).reshape(-1)
+    out = {}
+    for k, v in batch.items():
+        if k == "position_ids":
+            out[k] = v[:, rows]
+        elif k in ("pixel_values", "patch_pos"):
+            out[k] = v.reshape(prompts, -1, v.shape[-1])[groups].reshape(-1, v.shape[-1])
+        else:
+            out[k] = v[rows]
+    return out
+
