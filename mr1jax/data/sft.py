@@ -92,3 +92,14 @@ def sft_examples_for_step(rows: Sequence[dict[str, Any]], step: int, batch_size:
     epoch, k = divmod(step, per_epoch)
     order = np.random.default_rng([seed, epoch]).permutation(len(rows))
     return [rows[int(i)] for i in order[k * batch_size:(k + 1) * batch_size]]
+
+
+def sft_update_batch(model_config: Any, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The arrays `mr1jax.rl.update.sft_update` takes, from an `sft_batch`: its tokens and masks, pixel values,
+    and the host-side M-RoPE position ids [3, B, S] and vision patch positions (`prepare_inputs`)."""
+    from mr1jax.models.qwen2_vl.model import prepare_inputs
+
+    extra = prepare_inputs(model_config, batch["input_ids"], batch["attention_mask"], batch["image_grid_thw"])
+    return dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], loss_mask=batch["loss_mask"],
+                position_ids=extra.position_ids.astype(np.int32), pixel_values=batch["pixel_values"],
+                patch_pos=extra.patch_pos.astype(np.int32))

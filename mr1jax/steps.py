@@ -1,0 +1,186 @@
+"""The training state and the explicitly sharded, donating jitted steps that act on it.
+
+Every step of the trainer (and of `python -m mr1jax.plan`, which compiles the same functions for a target
+without running them) is built here:
+
+    state = init_train_state(model, tx, mesh, ...)          # TrainState on the mesh
+    update = jit_grpo_update(graphdef, mesh, state_shardings(state), batch_keys, tx=tx, cfg=gcfg)
+    params, opt_state, metrics = update(state.params, state.opt_state, batch, beta)
+
+Shardings are explicit on the way in and out: parameters and optimizer state by the parameters' logical axes
+(`mr1jax.sharding`: FSDP over ``fsdp``, tensor parallel over ``tensor``), batch rows over (``data``,
+``fsdp``), metrics replicated. Outputs are pinned to the input shardings so nothing drifts between steps
+and each step compiles once per static configuration (prompt bucket, PTST stage). Parameters and optimizer
+state are donated: the caller must not touch the old buffers after a call (an Orbax save copies arrays to
+host memory before `save` returns, so saving and then donating is safe).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Iterable
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from mr1jax import sharding as shd
+from mr1jax.models.qwen2_vl.config import Qwen2VLConfig
+from mr1jax.rl.update import GRPOConfig, SFTConfig, grpo_update, sft_update, token_logprobs
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything a training step changes, as one pytree.
+
+    params:     nnx.State of the policy (fp32 master weights).
+    opt_state:  optax state (moments in the parameter dtype).
+    ref_params: frozen reference policy in the compute dtype, or None (beta == 0 throughout).
+    rng:        uint32[2] raw key data (`jax.random.key_data`), split once per RL step.
+    step:       int32 scalar, global step (SFT steps first, then RL steps).
+    """
+
+    params: Any
+    opt_state: Any
+    ref_params: Any
+    rng: jax.Array
+    step: jax.Array
+
+
+def cast_floating(tree: Any, dtype) -> Any:
+    """Every floating-point leaf of `tree` cast to `dtype` (the reference copy in the compute dtype)."""
+    return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def opt_state_shardings(opt_state: Any, params_shardings: Any, mesh: Mesh) -> Any:
+    """Shardings of an optax state: every sub-tree shaped like the parameters (Adam's mu / nu, ...) follows the
+    parameter shardings; everything else (counts, scalars) is replicated."""
+    params_struct = jax.tree.structure(params_shardings)
+
+    def one(sub):
+        if isinstance(sub, nnx.State) and jax.tree.structure(sub) == params_struct:
+            return params_shardings
+        return jax.tree.map(lambda _: replicated(mesh), sub)
+
+    return jax.tree.map(one, opt_state, is_leaf=lambda x: isinstance(x, nnx.State))
+
+
+def state_shardings(state: TrainState, mesh: Mesh) -> TrainState:
+    """A TrainState of NamedShardings for `state` (arrays or ShapeDtypeStructs)."""
+    params_sh = shd.param_shardings(state.params, mesh)
+    ref_sh = None if state.ref_params is None else shd.param_shardings(state.ref_params, mesh)
+    return TrainState(params=params_sh, opt_state=opt_state_shardings(state.opt_state, params_sh, mesh),
+                      ref_params=ref_sh, rng=replicated(mesh), step=replicated(mesh))
+
+
+def init_train_state(params: nnx.State, tx: optax.GradientTransformation, mesh: Mesh, *, ref_dtype=None,
+                     keep_ref: bool, seed: int) -> TrainState:
+    """A fresh TrainState on `mesh`: params as given (already sharded), optimizer state created directly in
+    its shardings, the reference a copy of the params in `ref_dtype` (or None when `keep_ref` is False)."""
+    params_sh = shd.param_shardings(params, mesh)
+    opt_sh = opt_state_shardings(jax.eval_shape(tx.init, params), params_sh, mesh)
+    opt_state = jax.jit(tx.init, out_shardings=opt_sh)(params)
+    return TrainState(params=params, opt_state=opt_state, ref_params=make_reference(params, mesh, ref_dtype)
+                      if keep_ref else None,
+                      rng=jax.device_put(jax.random.key_data(jax.random.key(seed)), replicated(mesh)),
+                      step=jax.device_put(jnp.int32(0), replicated(mesh)))
+
+
+def make_reference(params: nnx.State, mesh: Mesh, dtype=None) -> nnx.State:
+    """A frozen copy of `params` (new buffers, same shardings), cast to `dtype` when given."""
+    sh = shd.param_shardings(params, mesh)
+    return jax.jit(lambda p: cast_floating(p, dtype) if dtype is not None else jax.tree.map(jnp.copy, p),
+                   out_shardings=sh)(params)
+
+
+# --------------------------------------------------------------------------------------------- batches
+def batch_shardings(keys: Iterable[str], mesh: Mesh) -> dict[str, NamedSharding]:
+    """Shardings of a rollout / SFT batch dict: rows over (data, fsdp); position_ids [3, R, S] on axis 1."""
+    rows, pos = NamedSharding(mesh, P(shd.BATCH_AXES)), NamedSharding(mesh, P(None, shd.BATCH_AXES))
+    return {k: pos if k == "position_ids" else rows for k in sorted(keys)}
+
+
+def put_batch(batch: dict[str, Any], mesh: Mesh) -> dict[str, jax.Array]:
+    """Place a host (numpy) or device batch on the mesh with `batch_shardings`."""
+    sh = batch_shardings(batch, mesh)
+    return {k: jax.device_put(v, sh[k]) for k, v in batch.items()}
+
+
+def _patches_per_image(config: Qwen2VLConfig, image_size: int) -> int:
+    return (image_size // config.vision.patch_size) ** 2
+
+
+def grpo_batch_spec(config: Qwen2VLConfig, cfg: GRPOConfig, prompts: int, image_size: int, max_new_tokens: int,
+                    *, with_ref: bool = True, with_old: bool = False, with_sampler: bool = True
+                    ) -> dict[str, jax.ShapeDtypeStruct]:
+    """Abstract rollout batch as the loop builds it: `prompts` x G rows of prompt_len + max_new_tokens tokens,
+    one image_size x image_size image per prompt."""
+    rows, seq, t = prompts * cfg.num_samples, cfg.prompt_len + max_new_tokens, max_new_tokens
+    n = prompts * _patches_per_image(config, image_size)
+    s = jax.ShapeDtypeStruct
+    spec = dict(input_ids=s((rows, seq), jnp.int32), attention_mask=s((rows, seq), jnp.int32),
+                position_ids=s((3, rows, seq), jnp.int32), pixel_values=s((n, config.vision.patch_dim), jnp.float32),
+                patch_pos=s((n, 2), jnp.int32), completion_mask=s((rows, t), jnp.int32),
+                advantages=s((rows,), jnp.float32))
+    for flag, key in ((with_ref, "ref_logps"), (with_old, "old_logps"), (with_sampler, "sampler_logps")):
+        if flag:
+            spec[key] = s((rows, t), jnp.float32)
+    return spec
+
+
+def sft_batch_spec(config: Qwen2VLConfig, examples: int, seq_len: int, image_size: int
+                   ) -> dict[str, jax.ShapeDtypeStruct]:
+    """Abstract SFT batch: `examples` sequences of seq_len tokens, one image each."""
+    n = examples * _patches_per_image(config, image_size)
+    s = jax.ShapeDtypeStruct
+    return dict(input_ids=s((examples, seq_len), jnp.int32), attention_mask=s((examples, seq_len), jnp.int32),
+                loss_mask=s((examples, seq_len), jnp.int32), position_ids=s((3, examples, seq_len), jnp.int32),
+                pixel_values=s((n, config.vision.patch_dim), jnp.float32), patch_pos=s((n, 2), jnp.int32))
+
+
+# --------------------------------------------------------------------------------------------- jitted steps
+def jit_grpo_update(graphdef: nnx.GraphDef, mesh: Mesh, shardings: TrainState, batch_keys: Iterable[str], *,
+                    tx: optax.GradientTransformation, cfg: GRPOConfig):
+    """`update(params, opt_state, batch, beta) -> (params, opt_state, metrics)`, params / opt_state donated."""
+    fn = functools.partial(grpo_update, graphdef, tx=tx, cfg=cfg, grad_shardings=shardings.params)
+    return jax.jit(fn, in_shardings=(shardings.params, shardings.opt_state, batch_shardings(batch_keys, mesh),
+                                     replicated(mesh)),
+                   out_shardings=(shardings.params, shardings.opt_state, replicated(mesh)), donate_argnums=(0, 1))
+
+
+def jit_sft_update(graphdef: nnx.GraphDef, mesh: Mesh, shardings: TrainState, batch_keys: Iterable[str], *,
+                   tx: optax.GradientTransformation, cfg: SFTConfig):
+    """`update(params, opt_state, batch) -> (params, opt_state, metrics)`, params / opt_state donated."""
+    fn = functools.partial(sft_update, graphdef, tx=tx, cfg=cfg, grad_shardings=shardings.params)
+    return jax.jit(fn, in_shardings=(shardings.params, shardings.opt_state, batch_shardings(batch_keys, mesh)),
+                   out_shardings=(shardings.params, shardings.opt_state, replicated(mesh)), donate_argnums=(0, 1))
+
+
+def jit_token_logprobs(graphdef: nnx.GraphDef, mesh: Mesh, params_shardings: Any, batch_keys: Iterable[str], *,
+                       cfg: GRPOConfig):
+    """`logps(params, batch) -> [R, T]` fp32, rows sharded like the batch (reference or pi_old pass)."""
+    fn = functools.partial(token_logprobs, graphdef, cfg=cfg)
+    return jax.jit(fn, in_shardings=(params_shardings, batch_shardings(batch_keys, mesh)),
+                   out_shardings=NamedSharding(mesh, P(shd.BATCH_AXES)))
+
+
+def compile_counts(*jitted) -> list[int]:
+    """How many executables each jitted function holds (1 = compiled once)."""
+    return [f._cache_size() for f in jitted]
+
+
+def check_divisible(mesh: Mesh, prompts: int, micro_batches: int, what: str) -> None:
+    """Each micro-batch's prompts must split evenly over the (data, fsdp) devices."""
+    n = int(np.prod([mesh.shape[a] for a in shd.BATCH_AXES]))
+    if prompts % micro_batches or (prompts // micro_batches) % n:
+        raise ValueError(f"{what}: {prompts} prompts in {micro_batches} micro-batches give "
+                         f"{prompts / micro_batches:g} per micro-batch, which must be a multiple of the "
+                         f"data x fsdp devices ({n})")
