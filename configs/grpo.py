@@ -33,7 +33,10 @@ def get_config() -> ml_collections.ConfigDict:
     c.model = ml_collections.ConfigDict()
     c.model.hf_path = ""        # "" = tiny random model built from c.model.tiny
     c.model.tokenizer_path = ""  # "" = hf_path, or the packaged tokenizer for the tiny model
-    c.model.dtype = "float32"   # float32 | bfloat16
+    c.model.dtype = "float32"   # compute dtype: float32 | bfloat16 (bf16 on accelerators)
+    c.model.param_dtype = "float32"  # master weights and optimizer state: keep float32 (bf16 freezes at lr 1e-6)
+    c.model.remat = "none"      # rematerialise decoder / vision layers in the backward pass: none | full | dots
+    c.model.logit_chunk = 128   # LM head + log-softmax on this many positions at a time (0 = all at once)
     c.model.tiny = ml_collections.ConfigDict(dict(hidden_size=128, num_layers=2, vision_depth=2))
 
     c.data = ml_collections.ConfigDict()
@@ -67,6 +70,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.rl.eps_high = 0.2
     c.rl.agg = "seq_mean_token_mean"  # seq_mean_token_mean | token_mean | dr_grpo
     c.rl.kl_estimator = "k3"    # k1 | k2 | k3
+    c.rl.k3_clamp = 0.0         # clamp |log pi_ref - log pi| before the estimator (0 = no clamp)
     c.rl.advantage_scale = "group"  # group | batch | none
     c.rl.reward = "othink"      # othink (acc + alpha*format) | hard (Vision-R1 HFRRF) | accuracy | format
     c.rl.alpha = 1.0
@@ -85,6 +89,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.sft = ml_collections.ConfigDict()
     c.sft.steps = 800           # cold-start SFT steps (modes sft / sft_then_grpo); total = sft.steps + total_steps
     c.sft.learning_rate = 5e-4
+    c.sft.micro_batches = 1     # gradient accumulation over examples (memory)
     c.sft.warmup_fraction = 0.05
     # Cold-start traces from a simulated imperfect annotator (mr1jax.data.sft.annotator_trace): answers >=
     # annotator_min_count are reported one too low with this probability. 0 = exact traces.
@@ -101,5 +106,6 @@ def get_config() -> ml_collections.ConfigDict:
     c.eval = ml_collections.ConfigDict()
     c.eval.every_steps = 50     # 0 = only at the end (and before RL)
     c.eval.num_batches = 16     # x data.batch_size held-out examples
+    c.eval.max_new_tokens = 0   # completion budget of evaluation (0 = the current PTST stage's / rollout's)
     c.export_hf = True          # write <workdir>/hf at the end (transformers-loadable)
     return c

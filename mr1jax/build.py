@@ -15,21 +15,30 @@ from mr1jax.data.tokenizer import load_tokenizer, model_token_ids
 from mr1jax.models.qwen2_vl import Qwen2VL, Qwen2VLConfig
 from mr1jax.models.qwen2_vl.hf import load_pretrained
 
-#: ``config.model.dtype`` values: the compute and parameter dtype of the model.
+#: ``config.model.dtype`` / ``config.model.param_dtype`` values.
 MODEL_DTYPES: tuple[str, ...] = ("float32", "bfloat16")
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def model_dtypes(c: ml_collections.ConfigDict) -> tuple[Any, Any]:
+    """(compute dtype, parameter storage dtype) from ``config.model.dtype`` / ``config.model.param_dtype``."""
+    return _DTYPES[c.model.dtype], _DTYPES[c.model.get("param_dtype", "float32")]
 
 
 def build_model(c: ml_collections.ConfigDict, mesh) -> tuple[Qwen2VL, Any]:
-    dtype = jnp.bfloat16 if c.model.dtype == "bfloat16" else jnp.float32
+    """The policy on `mesh` (parameters in ``model.param_dtype``, compute in ``model.dtype``, remat as
+    ``model.remat``) and its tokenizer: from ``model.hf_path``, or the tiny random model of ``model.tiny``."""
+    dtype, param_dtype = model_dtypes(c)
+    remat = c.model.get("remat", "none")
     if c.model.hf_path:
-        model = load_pretrained(c.model.hf_path, dtype=dtype, mesh=mesh)
+        model = load_pretrained(c.model.hf_path, dtype=dtype, param_dtype=param_dtype, mesh=mesh, remat=remat)
         tokenizer = load_tokenizer(c.model.tokenizer_path or c.model.hf_path)
         return model, tokenizer
     tokenizer = load_tokenizer(c.model.tokenizer_path or None)
     cfg = Qwen2VLConfig.tiny(
         vocab_size=len(tokenizer), hidden_size=c.model.tiny.hidden_size, num_layers=c.model.tiny.num_layers,
         vision_depth=c.model.tiny.vision_depth, **model_token_ids(tokenizer))
-    model = Qwen2VL(cfg, rngs=nnx.Rngs(c.seed), dtype=dtype, param_dtype=dtype)
+    model = Qwen2VL(cfg, rngs=nnx.Rngs(c.seed), dtype=dtype, param_dtype=param_dtype, remat=remat)
     return sharding.shard_model(model, mesh), tokenizer
 
 

@@ -2,7 +2,8 @@
 
 Every allowed-value table is the owning module's own: loss aggregations (`mr1jax.rl.losses`), KL
 estimators and beta schedules (`mr1jax.rl.kl`), advantage scales (`mr1jax.rl.advantages`), reward kinds
-(`mr1jax.rl.rewards`), synthetic tasks (`mr1jax.data.tasks`), model dtypes (`mr1jax.build`); the run
+(`mr1jax.rl.rewards`), synthetic tasks (`mr1jax.data.tasks`), model dtypes (`mr1jax.build`), remat policies
+(`mr1jax.models.qwen2_vl.model`); the run
 modes are this module's (`MODES`).
 """
 
@@ -15,6 +16,7 @@ import optax
 
 from mr1jax.build import MODEL_DTYPES
 from mr1jax.data.tasks import TASKS
+from mr1jax.models.qwen2_vl.model import REMAT_POLICIES
 from mr1jax.rl import ADVANTAGE_SCALES, KL_ESTIMATORS, LOSS_AGGREGATIONS, SCHEDULE_NAMES, make_schedule
 from mr1jax.rl.ptst import Stage, parse_stages
 from mr1jax.rl.rewards import REWARD_KINDS
@@ -29,6 +31,8 @@ class ConfigError(ValueError):
 
 CHOICES = {
     "model.dtype": tuple(MODEL_DTYPES),
+    "model.param_dtype": tuple(MODEL_DTYPES),
+    "model.remat": tuple(REMAT_POLICIES),
     "rl.beta_schedule": tuple(SCHEDULE_NAMES),
     "rl.agg": tuple(LOSS_AGGREGATIONS),
     "rl.kl_estimator": tuple(KL_ESTIMATORS),
@@ -38,7 +42,7 @@ CHOICES = {
     "mode": MODES,
 }
 POSITIVE = ("total_steps", "data.batch_size", "data.prompt_bucket", "data.image_size", "rollout.num_samples",
-            "rollout.max_new_tokens", "rl.updates_per_batch", "rl.minibatches", "rl.micro_batches", "checkpoint.every_steps",
+            "rollout.max_new_tokens", "rl.updates_per_batch", "rl.minibatches", "rl.micro_batches", "sft.micro_batches", "checkpoint.every_steps",
             "checkpoint.max_to_keep", "log_every")
 
 
@@ -65,6 +69,14 @@ def validate_config(c: ml_collections.ConfigDict) -> list[Stage]:
         raise ConfigError(f"config.rl.minibatches x config.rl.micro_batches = {c.rl.minibatches} x "
                           f"{c.rl.micro_batches} must divide config.data.batch_size = {c.data.batch_size} "
                           "(both split whole prompt groups)")
+    if c.data.batch_size % c.sft.micro_batches:
+        raise ConfigError(f"config.sft.micro_batches = {c.sft.micro_batches} must divide config.data.batch_size = "
+                          f"{c.data.batch_size}")
+    for field in ("model.logit_chunk", "eval.max_new_tokens"):
+        if not isinstance(_get(c, field), int) or _get(c, field) < 0:
+            raise ConfigError(f"config.{field} must be an integer >= 0 (0 = off / the default), got {_get(c, field)!r}")
+    if c.rl.k3_clamp < 0:
+        raise ConfigError(f"config.rl.k3_clamp must be >= 0 (0 = no clamp), got {c.rl.k3_clamp}")
     if not 0 < c.rollout.top_p <= 1 or c.rollout.temperature < 0 or c.rollout.top_k < 0:
         raise ConfigError("config.rollout needs 0 < top_p <= 1, temperature >= 0 and top_k >= 0, got "
                           f"top_p={c.rollout.top_p}, temperature={c.rollout.temperature}, top_k={c.rollout.top_k}")

@@ -22,25 +22,33 @@ def _eval_batches(rows, tokenizer, c, batch_size: int):
                            question_template=c.data.question_template, pad_to_max_bucket=True)
 
 
-def _complete_and_score(model, tokenizer, batch, c, max_new_tokens: int, temperature: float = 0.0, rng=None):
+def _complete_and_score(model, tokenizer, batch, c, max_new_tokens: int, temperature: float = 0.0, rng=None,
+                        mesh=None):
     """One completion per prompt of `batch`: (texts, accuracy [B], format [B], completion lengths [B])."""
     ro = generate(model, batch.input_ids, batch.attention_mask, batch.pixel_values, batch.image_grid_thw,
-                  num_samples=1, max_new_tokens=max_new_tokens, temperature=temperature, rng=rng)
+                  num_samples=1, max_new_tokens=max_new_tokens, temperature=temperature, rng=rng, mesh=mesh)
     mask = np.asarray(ro.mask)
     texts = rollout.decode_completions(tokenizer, np.asarray(ro.tokens), mask)
     acc, fmt, _ = rollout.reward_parts(texts, [str(a) for a in batch.answers], c.rl.reward_timeout_s)
     return texts, acc, fmt, mask.sum(1)
 
 
-def evaluate(model, tokenizer, rows, c, stage: Stage) -> dict[str, float]:
-    """Greedy rollouts on held-out rows: accuracy, format rate, mean completion length ({} without rows)."""
+def eval_max_new_tokens(c, stage: Stage) -> int:
+    """Completion budget of evaluation: `config.eval.max_new_tokens`, or (0) the training stage's."""
+    return c.eval.get("max_new_tokens", 0) or stage.max_new_tokens
+
+
+def evaluate(model, tokenizer, rows, c, max_new_tokens: int, mesh=None) -> dict[str, float]:
+    """Greedy rollouts on held-out rows: accuracy, format rate, mean completion length ({} without rows).
+
+    `mesh`: run the sampler with the prompts split over its (data, fsdp) axes (as in training)."""
     if rows is None:
         return {}
     accs, fmts, lens = [], [], []
     for i, batch in enumerate(_eval_batches(rows, tokenizer, c, c.data.batch_size)):
         if i >= c.eval.num_batches:
             break
-        _, acc, fmt, length = _complete_and_score(model, tokenizer, batch, c, stage.max_new_tokens)
+        _, acc, fmt, length = _complete_and_score(model, tokenizer, batch, c, max_new_tokens, mesh=mesh)
         accs.append(acc)
         fmts.append(fmt)
         lens.append(length)
@@ -63,14 +71,14 @@ def sample_completions(model, tokenizer, rows, c, *, num: int = 8, max_new_token
              "accuracy": float(acc[i]), "format": float(fmt[i])} for i in range(num)]
 
 
-def evaluate_tasks(model, tokenizer, eval_rows, c, stage: Stage) -> dict[str, dict[str, float]]:
+def evaluate_tasks(model, tokenizer, eval_rows, c, max_new_tokens: int, mesh=None) -> dict[str, dict[str, float]]:
     """Held-out metrics on the training task (key: `main_task_name`) and, when training on a synthetic task,
     on every other synthetic task (cross-task transfer)."""
-    out = {main_task_name(c): evaluate(model, tokenizer, eval_rows, c, stage)}
+    out = {main_task_name(c): evaluate(model, tokenizer, eval_rows, c, max_new_tokens, mesh)}
     if not c.data.train_files:
         for task in TASKS:
             if task != c.data.task:
                 rows = TASKS[task](c.data.num_eval, seed=c.seed, split="test", image_size=c.data.image_size)
-                out[task] = evaluate(model, tokenizer, rows, c, stage)
+                out[task] = evaluate(model, tokenizer, rows, c, max_new_tokens, mesh)
     return out
 

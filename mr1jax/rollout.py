@@ -28,32 +28,38 @@ def reward_parts(completions: list[str], answers: list[str], timeout_s: float) -
     return acc, fmt, stats
 
 
-def rollout_batch(model, tokenizer, batch, stage: Stage, c, rng) -> tuple[dict, dict]:
-    """Sample G completions per prompt, score them, and build the update batch (device arrays)."""
+def rollout_batch(model, tokenizer, batch, stage: Stage, c, rng, mesh=None) -> tuple[dict[str, np.ndarray], dict]:
+    """Sample G completions per prompt (on `mesh`, prompts split over its batch axes), score them, and build
+    the update batch (host numpy arrays; `mr1jax.steps.put_batch` places them on the mesh).
+
+    Returns ({input_ids, attention_mask [R, L+T], position_ids [3, R, L+T], pixel_values, patch_pos,
+    completion_mask [R, T], sampler_logps [R, T], advantages [R]}, info): R = prompts x G with a prompt's
+    samples contiguous; `sampler_logps` are the sampler's log-probs, kept to measure the sampler-trainer gap.
+    """
     g = stage.num_samples
     ro = generate(model, batch.input_ids, batch.attention_mask, batch.pixel_values, batch.image_grid_thw,
                   num_samples=g, max_new_tokens=stage.max_new_tokens, temperature=c.rollout.temperature,
-                  top_p=c.rollout.top_p, top_k=c.rollout.top_k, rng=rng)
+                  top_p=c.rollout.top_p, top_k=c.rollout.top_k, rng=rng, mesh=mesh)
     tokens, mask = np.asarray(ro.tokens), np.asarray(ro.mask)
     texts = decode_completions(tokenizer, tokens, mask)
     answers = [str(a) for a in np.repeat(batch.answers, g)]
     acc, fmt, stats = reward_parts(texts, answers, c.rl.reward_timeout_s)
     rewards = rw.combine_rewards(c.rl.reward, acc, fmt, c.rl.alpha)
-    adv = group_advantages(jnp.asarray(rewards), g, scale=c.rl.advantage_scale)
+    adv = np.asarray(group_advantages(jnp.asarray(rewards), g, scale=c.rl.advantage_scale), np.float32)
     full_ids = np.concatenate([np.repeat(batch.input_ids, g, 0), tokens], 1)
     full_mask = np.concatenate([np.repeat(batch.attention_mask, g, 0), mask], 1)
     cfg = model.config
     positions = prepare_inputs(cfg, full_ids, full_mask, np.repeat(batch.image_grid_thw, g, 0)).position_ids
     prompt_extra = prepare_inputs(cfg, batch.input_ids, batch.attention_mask, batch.image_grid_thw)
-    device_batch = dict(input_ids=jnp.asarray(full_ids), attention_mask=jnp.asarray(full_mask),
-                        position_ids=jnp.asarray(positions), pixel_values=jnp.asarray(batch.pixel_values),
-                        patch_pos=jnp.asarray(prompt_extra.patch_pos), completion_mask=ro.mask,
-                        old_logps=ro.logprobs, advantages=adv)
+    host_batch = dict(input_ids=full_ids.astype(np.int32), attention_mask=full_mask.astype(np.int32),
+                      position_ids=positions.astype(np.int32), pixel_values=np.asarray(batch.pixel_values, np.float32),
+                      patch_pos=prompt_extra.patch_pos.astype(np.int32), completion_mask=mask.astype(np.int32),
+                      sampler_logps=np.asarray(ro.logprobs, np.float32), advantages=adv)
     info = dict(reward=float(rewards.mean()), accuracy=float(acc.mean()), format_rate=float(fmt.mean()),
                 completion_len=float(mask.sum(1).mean()), truncated_frac=float(np.asarray(ro.truncated).mean()),
                 reward_errors=int(stats.get("n_errors", 0)), reward_timeouts=int(stats.get("n_timeouts", 0)),
                 reward_std=float(rewards.std()), sample=texts[0][:200])
-    return device_batch, info
+    return host_batch, info
 
 
 def select_groups(batch: dict[str, jax.Array], groups: np.ndarray, g: int, prompts: int) -> dict[str, jax.Array]:

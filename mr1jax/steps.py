@@ -41,14 +41,14 @@ class TrainState:
     opt_state:  optax state (moments in the parameter dtype).
     ref_params: frozen reference policy in the compute dtype, or None (beta == 0 throughout).
     rng:        uint32[2] raw key data (`jax.random.key_data`), split once per RL step.
-    step:       int32 scalar, global step (SFT steps first, then RL steps).
+    step:       global step, a host int (SFT steps first, then RL steps; static, not traced).
     """
 
     params: Any
     opt_state: Any
     ref_params: Any
     rng: jax.Array
-    step: jax.Array
+    step: int = flax.struct.field(pytree_node=False, default=0)
 
 
 def cast_floating(tree: Any, dtype) -> Any:
@@ -78,7 +78,7 @@ def state_shardings(state: TrainState, mesh: Mesh) -> TrainState:
     params_sh = shd.param_shardings(state.params, mesh)
     ref_sh = None if state.ref_params is None else shd.param_shardings(state.ref_params, mesh)
     return TrainState(params=params_sh, opt_state=opt_state_shardings(state.opt_state, params_sh, mesh),
-                      ref_params=ref_sh, rng=replicated(mesh), step=replicated(mesh))
+                      ref_params=ref_sh, rng=replicated(mesh), step=state.step)
 
 
 def init_train_state(params: nnx.State, tx: optax.GradientTransformation, mesh: Mesh, *, ref_dtype=None,
@@ -90,8 +90,7 @@ def init_train_state(params: nnx.State, tx: optax.GradientTransformation, mesh: 
     opt_state = jax.jit(tx.init, out_shardings=opt_sh)(params)
     return TrainState(params=params, opt_state=opt_state, ref_params=make_reference(params, mesh, ref_dtype)
                       if keep_ref else None,
-                      rng=jax.device_put(jax.random.key_data(jax.random.key(seed)), replicated(mesh)),
-                      step=jax.device_put(jnp.int32(0), replicated(mesh)))
+                      rng=jax.device_put(jax.random.key_data(jax.random.key(seed)), replicated(mesh)), step=0)
 
 
 def make_reference(params: nnx.State, mesh: Mesh, dtype=None) -> nnx.State:
@@ -177,10 +176,15 @@ def compile_counts(*jitted) -> list[int]:
     return [f._cache_size() for f in jitted]
 
 
-def check_divisible(mesh: Mesh, prompts: int, micro_batches: int, what: str) -> None:
-    """Each micro-batch's prompts must split evenly over the (data, fsdp) devices."""
+def batch_split_problems(mesh: Mesh, prompts: int, micro_batches: int, what: str) -> tuple[str | None, str | None]:
+    """(error, warning) for splitting `prompts` prompts in `micro_batches` micro-batches over the (data, fsdp)
+    devices: the batch must divide over them (error); each micro-batch should too (warning: otherwise rows
+    move between devices inside the step)."""
     n = int(np.prod([mesh.shape[a] for a in shd.BATCH_AXES]))
-    if prompts % micro_batches or (prompts // micro_batches) % n:
-        raise ValueError(f"{what}: {prompts} prompts in {micro_batches} micro-batches give "
-                         f"{prompts / micro_batches:g} per micro-batch, which must be a multiple of the "
-                         f"data x fsdp devices ({n})")
+    if prompts % n:
+        return (f"{what}: {prompts} prompts do not split over the data x fsdp = {n} devices of the mesh "
+                f"{dict(mesh.shape)}", None)
+    if (prompts // micro_batches) % n:
+        return None, (f"{what}: micro-batches of {prompts // micro_batches} prompts do not split evenly over "
+                      f"the {n} data x fsdp devices; rows will be moved between devices in each step")
+    return None, None

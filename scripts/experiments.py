@@ -68,11 +68,11 @@ def evaluate_base(c) -> dict[str, dict[str, float]]:
     from mr1jax import sharding
     from mr1jax.build import build_model, build_rows
     from mr1jax.config import validate_config
-    from mr1jax.evaluation import evaluate_tasks
+    from mr1jax.evaluation import eval_max_new_tokens, evaluate_tasks
 
     stages = validate_config(c)
     model, tokenizer = build_model(c, sharding.make_mesh(dict(c.mesh)))
-    return evaluate_tasks(model, tokenizer, build_rows(c, "eval"), c, stages[0])
+    return evaluate_tasks(model, tokenizer, build_rows(c, "eval"), c, eval_max_new_tokens(c, stages[0]))
 
 
 def final_metrics(workdir: str) -> dict[str, dict[str, float]]:

@@ -48,8 +48,6 @@ def setup():
     prompts = next(iter(ds))
     batch, _ = rollout_batch(model, tok, prompts, Stage(T, G, 1), c, jax.random.key(1))
     batch = {k: np.asarray(v) for k, v in batch.items()}
-    if "old_logps" in batch:  # TEMP until rollout_batch names them
-        batch["sampler_logps"] = batch.pop("old_logps")
     ref = _model(tok, seed=7)
     batch["ref_logps"] = np.asarray(_logps(*nnx.split(ref), batch, cfg=gcfg()))
     batch["advantages"] = np.random.default_rng(0).normal(size=PROMPTS * G).astype(np.float32)

@@ -1,0 +1,161 @@
+"""One SFT step and one RL step of the training loop, as functions of an explicit `TrainState`.
+
+    state, metrics = sft_step(state, fns, examples, ...)
+    state, metrics = rl_step(state, fns, prompts, stage, beta, ...)
+
+`StepFunctions` holds the run's jitted steps (from `mr1jax.steps`), compiled once per static configuration:
+one SFT step, and per PTST stage one GRPO update, one reference pass and (with several updates per batch)
+one pi_old pass. `compile_counts()` reports how many executables each holds.
+
+pi_old, as the papers and peers define it: with one optimizer step per rollout batch (updates_per_batch x
+minibatches == 1) the ratio is exactly 1 (old = stop_gradient of the current log-probs); with more, old
+log-probs are recomputed by the training forward before the first update. The sampler's log-probs are kept
+only to log their gap to the trainer's (``sampler_gap_mean`` / ``sampler_gap_max``).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import Mesh
+
+from mr1jax import steps as st
+from mr1jax.data.sft import sft_batch, sft_update_batch
+from mr1jax.rl.ptst import Stage
+from mr1jax.rl.update import GRPOConfig, SFTConfig
+from mr1jax.rollout import rollout_batch, select_groups
+
+# Metrics of several updates in one RL step combine like this (the rest: mean over updates).
+_COMBINE = {"ratio_min": min, "ratio_max": max, "sampler_gap_max": max}
+
+
+class StepFunctions:
+    """The jitted, explicitly sharded steps of one run (see `mr1jax.steps`), built lazily and cached by their
+    static configuration."""
+
+    def __init__(self, graphdef: nnx.GraphDef, mesh: Mesh, shardings: st.TrainState, *,
+                 sft_tx: optax.GradientTransformation | None, rl_tx: optax.GradientTransformation):
+        self.graphdef, self.mesh, self.shardings = graphdef, mesh, shardings
+        self.sft_tx, self.rl_tx = sft_tx, rl_tx
+        self._jitted: dict[Any, Any] = {}
+
+    def _get(self, key, build):
+        if key not in self._jitted:
+            self._jitted[key] = build()
+        return self._jitted[key]
+
+    def sft(self, params, opt_state, batch, cfg: SFTConfig):
+        fn = self._get(("sft", cfg, tuple(sorted(batch))), lambda: st.jit_sft_update(
+            self.graphdef, self.mesh, self.shardings, batch, tx=self.sft_tx, cfg=cfg))
+        return fn(params, opt_state, batch)
+
+    def grpo(self, params, opt_state, batch, beta, cfg: GRPOConfig):
+        fn = self._get(("grpo", cfg, tuple(sorted(batch))), lambda: st.jit_grpo_update(
+            self.graphdef, self.mesh, self.shardings, batch, tx=self.rl_tx, cfg=cfg))
+        return fn(params, opt_state, batch, np.float32(beta))
+
+    def logprobs(self, params, batch, cfg: GRPOConfig, which: str):
+        """which: "ref" (the reference copy, compute dtype) or "old" (the current fp32 params)."""
+        sh = self.shardings.params
+        fn = self._get((which, cfg, tuple(sorted(batch))), lambda: st.jit_token_logprobs(
+            self.graphdef, self.mesh, sh, batch, cfg=cfg))
+        return fn(params, batch)
+
+    def compile_counts(self) -> dict[str, int]:
+        """{step name: executables compiled}, summed over the step's static configurations."""
+        out: dict[str, int] = {}
+        for key, fn in self._jitted.items():
+            out[key[0]] = out.get(key[0], 0) + fn._cache_size()
+        return out
+
+    def num_configs(self) -> dict[str, int]:
+        """{step name: distinct static configurations seen} (compile_counts should equal this)."""
+        out: dict[str, int] = {}
+        for key in self._jitted:
+            out[key[0]] = out.get(key[0], 0) + 1
+        return out
+
+
+def sft_config(c: ml_collections.ConfigDict) -> SFTConfig:
+    m = c.sft.micro_batches
+    return SFTConfig(micro_batches=m, patch_segments=c.data.batch_size // m, logit_chunk=c.model.logit_chunk)
+
+
+def grpo_config(c: ml_collections.ConfigDict, stage: Stage, *, whole_batch: bool = False) -> GRPOConfig:
+    """The update's static config for one mini-batch (or, `whole_batch`, the log-prob pass over the whole rollout
+    batch, in as many micro-batches as the update uses in all, so both hold the same number of rows at once)."""
+    per_update = c.data.batch_size // c.rl.minibatches
+    micro = c.rl.micro_batches * (c.rl.minibatches if whole_batch else 1)
+    return GRPOConfig(num_samples=stage.num_samples, prompt_len=c.data.prompt_bucket, eps_low=c.rl.eps_low,
+                      eps_high=c.rl.eps_high, agg=c.rl.agg, kl_estimator=c.rl.kl_estimator,
+                      k3_clamp=c.rl.k3_clamp or None, micro_batches=micro,
+                      patch_segments=per_update // c.rl.micro_batches, logit_chunk=c.model.logit_chunk)
+
+
+def updates_per_rl_step(c: ml_collections.ConfigDict) -> int:
+    """Optimizer steps per RL step: mu passes x mini-batches."""
+    return c.rl.updates_per_batch * c.rl.minibatches
+
+
+def sft_step(state: st.TrainState, fns: StepFunctions, tokenizer, model_config, examples: list[dict], *,
+             c: ml_collections.ConfigDict, seq_len: int, response_fn) -> tuple[st.TrainState, dict[str, float]]:
+    """One cold-start SFT optimizer step on `examples`."""
+    t0 = time.perf_counter()
+    b = sft_batch(tokenizer, examples, image_size=c.data.image_size, seq_len=seq_len,
+                  question_template=c.data.question_template, response_fn=response_fn)
+    batch = st.put_batch(sft_update_batch(model_config, b), fns.mesh)
+    params, opt_state, m = fns.sft(state.params, state.opt_state, batch, sft_config(c))
+    state = state.replace(params=params, opt_state=opt_state, step=state.step + 1)
+    return state, {"sft_loss": float(m["loss"]), "grad_norm": float(m["grad_norm"]),
+                   "time_step": time.perf_counter() - t0}
+
+
+def rl_step(state: st.TrainState, fns: StepFunctions, tokenizer, prompts, stage: Stage, beta: float, *,
+            c: ml_collections.ConfigDict) -> tuple[st.TrainState, dict[str, Any]]:
+    """Rollouts -> rewards -> reference (and pi_old) log-probs -> mu x mini-batch GRPO updates.
+
+    Returns the new state and the step's metrics (averaged over its updates; ``sample``: one completion text).
+    """
+    t0 = time.perf_counter()
+    rng, sample_rng = jax.random.split(jax.random.wrap_key_data(state.rng))
+    policy = nnx.merge(fns.graphdef, state.params)
+    host, info = rollout_batch(policy, tokenizer, prompts, stage, c, sample_rng, fns.mesh)
+    t1 = time.perf_counter()
+    batch = st.put_batch(host, fns.mesh)
+    whole = grpo_config(c, stage, whole_batch=True)
+    if state.ref_params is not None:
+        batch["ref_logps"] = fns.logprobs(state.ref_params, batch, whole, "ref")
+    if updates_per_rl_step(c) > 1:
+        batch["old_logps"] = fns.logprobs(state.params, batch, whole, "old")
+    t2 = time.perf_counter()
+    cfg, prompts_n, g = grpo_config(c, stage), c.data.batch_size, stage.num_samples
+    params, opt_state, updates = state.params, state.opt_state, []
+    order = np.random.default_rng([c.seed, state.step])
+    for _ in range(c.rl.updates_per_batch):                 # mu passes over shuffled mini-batches of groups
+        for groups in np.split(order.permutation(prompts_n), c.rl.minibatches):
+            sub = batch if c.rl.minibatches == 1 else st.put_batch(
+                select_groups(batch, np.sort(groups), g, prompts_n), fns.mesh)
+            params, opt_state, m = fns.grpo(params, opt_state, sub, beta, cfg)
+            updates.append(m)
+    m = {k: _COMBINE.get(k, np.mean)([float(u[k]) for u in updates]) for k in updates[0]}
+    t3 = time.perf_counter()
+    state = state.replace(params=params, opt_state=opt_state, rng=jax.random.key_data(rng), step=state.step + 1)
+    metrics = dict(info, **{k: m[k] for k in ("loss", "policy_loss", "beta", "grad_norm", "clip_frac")},
+                   kl=m.get("kl", 0.0), sampler_gap_mean=m["sampler_gap_mean"],
+                   sampler_gap_max=m["sampler_gap_max"], time_rollout=t1 - t0, time_reference=t2 - t1,
+                   time_update=t3 - t2, time_step=t3 - t0)
+    return state, metrics
+
+
+def start_rl(state: st.TrainState, fns: StepFunctions, *, kl_on: bool, ref_dtype) -> st.TrainState:
+    """The SFT -> RL boundary: the SFT model becomes the frozen reference (in `ref_dtype`), and RL starts with
+    fresh optimizer state."""
+    opt_state = jax.jit(fns.rl_tx.init, out_shardings=fns.shardings.opt_state)(state.params)
+    ref = st.make_reference(state.params, fns.mesh, ref_dtype) if kl_on else None
+    return state.replace(opt_state=opt_state, ref_params=ref)
