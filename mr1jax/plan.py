@@ -31,6 +31,10 @@ Targets:
                        is imported): the same sharded programs, but the memory numbers are XLA:CPU's
                        (different fusion and layouts), so fit verdicts for GPUs / TPUs are estimates.
   (neither)            the default backend's devices.
+Other flags: --config.* overrides (mesh, micro-batches, shapes), --remat=none|full|dots (default: the config's
+model.remat), --steps=rollout,grpo_update,... (a subset), --preset=... (the model when <hf_path>/config.json is
+absent), --json=PATH. The exit status is 1 when a step could not be built or compiled for a reason other than
+memory (e.g. prompts that do not split over the mesh); "does not fit" is a result, not an error.
 
 Analytic FLOPs (whole step, all devices; `per device` divides by the device count). With P prompts,
 R = P*G rows, prompt bucket L, completion length T, S = L + T, decoder matmul parameters N_d (all decoder
@@ -105,10 +109,11 @@ import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P  # noqa: E402
 
-from mr1jax import sharding  # noqa: E402
+from mr1jax import sharding, steps  # noqa: E402
 from mr1jax.accelerators import ACCELERATORS, GiB, for_topology  # noqa: E402
 from mr1jax.models.qwen2_vl import Qwen2VL, Qwen2VLConfig  # noqa: E402
 from mr1jax.rl.ptst import Stage  # noqa: E402
+from mr1jax.train_steps import grpo_config, sft_config, updates_per_rl_step  # noqa: E402
 
 PRESETS = ("qwen2_vl_2b_instruct", "qwen2_vl_7b_instruct", "tiny")
 
@@ -279,17 +284,18 @@ class Programs:
 
     def __init__(self, c: ml_collections.ConfigDict, model_cfg: Qwen2VLConfig, mesh: Mesh, *, kl: bool,
                  remat: str = "none"):
-        from mr1jax import steps
-        from mr1jax.config import make_optimizer
+        from mr1jax.train import make_optimizers
 
         self.c, self.cfg, self.mesh, self.kl = c, model_cfg, mesh, kl
+        self.warnings: dict[str, str] = {}
         self.dtype = _DTYPES[c.model.dtype]
         self.param_dtype = _DTYPES[_opt(c, "model.param_dtype", c.model.dtype)]
         self.graphdef, params = abstract_model(model_cfg, self.dtype, self.param_dtype, remat)
         self.counts = ParamCounts.of(params)
-        self.tx = make_optimizer(c.optim.learning_rate, c)   # the trainer's structure; schedules change no shape
+        self.sft_tx, self.rl_tx = make_optimizers(c)        # the trainer's (same state structure)
         ref = jax.eval_shape(lambda p: steps.cast_floating(p, self.dtype), params) if kl else None
-        state = steps.TrainState(params=params, opt_state=jax.eval_shape(self.tx.init, params), ref_params=ref,
+        opt_state = jax.eval_shape((self.sft_tx or self.rl_tx).init, params)
+        state = steps.TrainState(params=params, opt_state=opt_state, ref_params=ref,
                                  rng=jax.ShapeDtypeStruct((2,), jnp.uint32), step=0)
         self.shardings = steps.state_shardings(state, mesh)
         self.params = _with_shardings(params, self.shardings.params)
@@ -297,38 +303,37 @@ class Programs:
         self.ref_params = None if ref is None else _with_shardings(ref, self.shardings.ref_params)
         self.replicated = steps.replicated(mesh)
 
-    def _batch(self, spec: dict[str, jax.ShapeDtypeStruct]) -> dict[str, jax.ShapeDtypeStruct]:
-        from mr1jax import steps
+    def _check_split(self, name: str, prompts: int, micro_batches: int) -> None:
+        """ValueError when the prompts do not split over the (data, fsdp) devices; a warning (kept in the
+        result) when the micro-batches do not split evenly (the step still compiles)."""
+        error, warning = steps.batch_split_problems(self.mesh, prompts, micro_batches, name)
+        if error:
+            raise ValueError(error)
+        if warning:
+            self.warnings[name] = warning
 
+    def _batch(self, spec: dict[str, jax.ShapeDtypeStruct]) -> dict[str, jax.ShapeDtypeStruct]:
         return _with_shardings(spec, steps.batch_shardings(spec, self.mesh))
 
     def _several_updates(self) -> bool:
-        from mr1jax.train_steps import updates_per_rl_step
-
         return updates_per_rl_step(self.c) > 1
 
     def grpo_update(self, s: Shapes, stage: Stage) -> StepProgram:
         """One optimizer step on a mini-batch, as `train_steps.rl_step` calls it."""
-        from mr1jax import steps
-        from mr1jax.train_steps import grpo_config
-
         p = s.minibatch_prompts
         cfg = grpo_config(self.c, stage)
-        steps.check_divisible(self.mesh, p, cfg.micro_batches, "grpo_update")
+        self._check_split("grpo_update", p, cfg.micro_batches)
         spec = steps.grpo_batch_spec(self.cfg, cfg, p, s.image_size, s.max_new_tokens, with_ref=self.kl,
                                      with_old=self._several_updates())
-        jitted = steps.jit_grpo_update(self.graphdef, self.mesh, self.shardings, spec, tx=self.tx, cfg=cfg)
+        jitted = steps.jit_grpo_update(self.graphdef, self.mesh, self.shardings, spec, tx=self.rl_tx, cfg=cfg)
         beta = _sds((), jnp.float32, self.replicated)
         return StepProgram("grpo_update", jitted, (self.params, self.opt_state, self._batch(spec), beta),
                            f"{p}x{s.num_samples} rows x {s.seq}, {cfg.micro_batches} micro")
 
     def token_logprobs(self, s: Shapes, stage: Stage) -> StepProgram:
         """The log-prob pass over the whole rollout batch: the reference's (KL on), else pi_old's."""
-        from mr1jax import steps
-        from mr1jax.train_steps import grpo_config
-
         cfg = grpo_config(self.c, stage, whole_batch=True)
-        steps.check_divisible(self.mesh, s.prompts, cfg.micro_batches, "token_logprobs")
+        self._check_split("token_logprobs", s.prompts, cfg.micro_batches)
         spec = steps.grpo_batch_spec(self.cfg, cfg, s.prompts, s.image_size, s.max_new_tokens, with_ref=False)
         params = self.ref_params if self.kl else self.params
         jitted = steps.jit_token_logprobs(self.graphdef, self.mesh, self.shardings.params, spec, cfg=cfg)
@@ -337,27 +342,23 @@ class Programs:
                            f"{cfg.micro_batches} micro")
 
     def sft_update(self, s: Shapes, seq: int) -> StepProgram:
-        from mr1jax import steps
-        from mr1jax.train_steps import sft_config
-
         rows, cfg = s.prompts, sft_config(self.c)
-        steps.check_divisible(self.mesh, rows, cfg.micro_batches, "sft_update")
+        self._check_split("sft_update", rows, cfg.micro_batches)
         spec = steps.sft_batch_spec(self.cfg, rows, seq, s.image_size)
-        jitted = steps.jit_sft_update(self.graphdef, self.mesh, self.shardings, spec, tx=self.tx, cfg=cfg)
+        jitted = steps.jit_sft_update(self.graphdef, self.mesh, self.shardings, spec, tx=self.sft_tx, cfg=cfg)
         return StepProgram("sft_update", jitted, (self.params, self.opt_state, self._batch(spec)),
                            f"{rows} rows x {seq}, {cfg.micro_batches} micro")
 
     def rollout(self, s: Shapes) -> StepProgram:
         """The sampler's whole rollout (`mr1jax.sampling._rollout`: prefill, G-way decode to max_new_tokens),
         prompts split over (data, fsdp) as `generate(..., mesh=...)` places them."""
-        from mr1jax import steps
         from mr1jax.sampling import _rollout
 
         rows = NamedSharding(self.mesh, P(sharding.BATCH_AXES))
         rows2 = NamedSharding(self.mesh, P(None, sharding.BATCH_AXES))
         rep = self.replicated
         p, length, g, t = s.prompts, s.prompt_len, s.num_samples, s.max_new_tokens
-        steps.check_divisible(self.mesh, p, 1, "rollout")
+        self._check_split("rollout", p, 1)
         npatch = p * s.patches
         i32, f32 = jnp.int32, jnp.float32
         key = jax.eval_shape(lambda: jax.random.key(0))
@@ -506,12 +507,12 @@ STEPS = ("rollout", "token_logprobs", "grpo_update", "sft_update")
 
 
 def make_plan(c: ml_collections.ConfigDict, *, topology: str | None = None, preset: str | None = None,
-              steps: tuple[str, ...] | None = None, remat: str | None = None,
+              only_steps: tuple[str, ...] | None = None, remat: str | None = None,
               log: Callable[[str], None] = lambda s: None) -> dict:
     """Compile every step the config's run uses for the target; returns the plan as a JSON-able dict."""
     from mr1jax.config import phase_steps, uses_kl, validate_config
 
-    unknown = set(steps or ()) - set(STEPS)
+    unknown = set(only_steps or ()) - set(STEPS)
     if unknown:
         raise PlanError(f"--steps: unknown {sorted(unknown)}; choose from {', '.join(STEPS)}")
     stages = validate_config(c)
@@ -525,7 +526,7 @@ def make_plan(c: ml_collections.ConfigDict, *, topology: str | None = None, pres
     kl = uses_kl(c) and rl_steps > 0
     progs = Programs(c, model_cfg, mesh, kl=kl, remat=remat)
     sft_seq = c.data.prompt_bucket + max(s.max_new_tokens for s in stages)
-    wanted = set(steps or STEPS)
+    wanted = set(only_steps or STEPS)
     n = progs.counts
     plan: dict[str, Any] = {
         "model": {"name": model_name, "source": how, "dtype": c.model.dtype,
@@ -544,10 +545,9 @@ def make_plan(c: ml_collections.ConfigDict, *, topology: str | None = None, pres
         try:
             res = compile_program(prog_fn(shapes, **kw), mesh)
         except ValueError as e:   # e.g. prompts that do not split over the mesh
-            msg = str(e).removeprefix(f"{name}: ")
-            if "multiple of the data x fsdp" in msg:
-                msg += " (change --config.rl.micro_batches / --config.sft.micro_batches or the mesh)"
-            res = {"step": name, "shapes": "-", "error": msg, "compile_s": 0.0}
+            res = {"step": name, "shapes": "-", "error": str(e).removeprefix(f"{name}: "), "compile_s": 0.0}
+        if name in progs.warnings:
+            res["warning"] = progs.warnings[name].removeprefix(f"{name}: ")
         flops = analytic_flops(name, model_cfg, n, shapes, sft_seq)
         res["analytic_flops"] = flops
         res["analytic_flops_per_device"] = flops / len(devices)
@@ -632,8 +632,8 @@ def format_plan(plan: dict) -> str:
     m, t = plan["model"], plan["target"]
     out = [f"mr1jax plan {plan.get('config', '')}".rstrip(),
            f"  model   {m['name']} ({m['source']}): {m['params']:,} parameters "
-           f"({m.get('param_dtype', m['dtype'])} storage, {m['dtype']} compute, remat {m['remat']}) "
-           f"(vision {m['params_vision']:,}, decoder {m['params_decoder']:,}, embedding {m['params_embedding']:,}, "
+           f"({m.get('param_dtype', m['dtype'])} storage, {m['dtype']} compute, remat {m['remat']}; "
+           f"vision {m['params_vision']:,}, decoder {m['params_decoder']:,}, embedding {m['params_embedding']:,}, "
            f"lm_head {m['params_lm_head']:,})",
            f"  target  {t['description']}; mesh " + " ".join(f"{k}={v}" for k, v in plan["mesh"].items()),
            f"  memory  per device, XLA:{t['platform'].upper()} memory analysis; total = args + out - alias + temp "
@@ -659,6 +659,8 @@ def format_plan(plan: dict) -> str:
                 out.append(f"  {r['step']}: does not fit: {r['oom']['message']}")
             elif "error" in r:
                 out.append(f"  {r['step']}: not compiled: {r['error']}")
+            if "warning" in r:
+                out.append(f"  {r['step']}: warning: {r['warning']}")
         out.append("")
     out.append("fits* / NO* = from the program compiled for that accelerator (on TPU, XLA refuses a program that "
                "does not fit); the others compare the total with each device's memory. used = total / device memory. time at peak = analytic FLOPs per device / peak bf16 FLOP/s "
@@ -676,9 +678,9 @@ def main(argv: list[str]) -> None:
     if F.devices and jax.device_count() != F.devices:
         raise PlanError(f"--devices={F.devices} but jax has {jax.device_count()} devices: the flag must be "
                         "seen before jax is imported (run as python -m mr1jax.plan)")
-    steps = tuple(s.strip() for s in F.steps.split(",") if s.strip()) if F.steps else None
+    only = tuple(s.strip() for s in F.steps.split(",") if s.strip()) if F.steps else None
     t0 = time.perf_counter()
-    plan = make_plan(F.config, topology=F.topology, preset=F.preset, steps=steps, remat=F.remat,
+    plan = make_plan(F.config, topology=F.topology, preset=F.preset, only_steps=only, remat=F.remat,
                      log=lambda s: print(f"[{time.perf_counter() - t0:7.1f}s] {s}", file=sys.stderr, flush=True))
     plan["config"] = _argv_value(sys.argv, "config") or "configs/grpo.py"
     print(format_plan(plan))
