@@ -18,7 +18,10 @@ equals a teacher-forced forward pass over the same tokens.
 **KV cache memory.** Per token per layer the cache holds keys and values:
 ``2 * num_kv_heads * head_dim * bytes(dtype)`` bytes. Qwen2-VL-2B (2 KV heads x 128, 28 layers, bf16):
 1 KiB per token per layer, 28 KiB per token. G=8 rows of a 1024-token prompt bucket + 1024 new tokens:
-8 * 2048 * 28 KiB = 448 MiB per prompt.
+8 * 2048 * 28 KiB = 448 MiB per prompt. The cache is stacked over layers, (k, v) each
+[layers, rows, slots, kv_heads, head_dim], and is carried through the decoder layers (the prefill's scan carry, the decode step's unrolled
+loop over per-layer weight slices taken once per rollout): each layer writes only its new slots
+(`dynamic_update_slice` at the layer index), never copying the cache.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from mr1jax.models.qwen2_vl.model import Qwen2VL, attention_mask_4d, prepare_inputs
+from mr1jax.models.qwen2_vl.model import Qwen2VL, attention_mask_4d, init_cache, prepare_inputs
 from mr1jax.sharding import shard_batch
 
 _TRACE_COUNT = [0]
@@ -197,6 +200,10 @@ def _rollout(graphdef, state, input_ids, attention_mask, position_ids, rope_delt
              segment_ids, rng, temperature, top_k, top_p, eos_ids, suppress_ids, *, patch_segments, num_samples,
              max_new_tokens):
     _TRACE_COUNT[0] += 1
+    # Cast floating parameters to the compute dtype once (e.g. fp32 master weights, bf16 compute): the
+    # decode loop then reads the compute-dtype copy every token instead of re-casting fp32 weights.
+    dtype = nnx.merge(graphdef, state).dtype
+    state = jax.tree.map(lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a, state)
     model: Qwen2VL = nnx.merge(graphdef, state)
     cfg = model.config.text
     b, length = input_ids.shape
@@ -212,15 +219,18 @@ def _rollout(graphdef, state, input_ids, attention_mask, position_ids, rope_delt
     slots = jnp.arange(size)
     q_slots = jnp.broadcast_to(slots[:length], (b, length))
     mask = attention_mask_4d(valid, key_valid, q_slots, jnp.broadcast_to(slots, (b, size)))
-    cache = [(jnp.zeros((b, size, cfg.num_kv_heads, cfg.head_dim), model.dtype),) * 2 for _ in range(cfg.num_layers)]
+    cache = init_cache(cfg, b, size, model.dtype)                                          # [layers, B, S, ...]
     hidden, cache = model.decode_hidden(x, position_ids, mask, cache, 0)
     last_logits = model.logits(hidden[:, -1]).astype(jnp.float32)                         # [B, V]
 
     # ---- share the prefill across the G samples of each prompt
     rep = lambda a: jnp.repeat(a, g, axis=0)  # noqa: E731
-    cache = [(rep(k), rep(v)) for k, v in cache]
+    cache = tuple(jnp.repeat(c, g, axis=1) for c in cache)
     key_valid, last_logits = rep(key_valid), rep(last_logits)
     next_pos = rep(valid.sum(-1).astype(jnp.int32) + rope_deltas)                          # [B*G]
+    # Decode runs the layers from per-layer weight slices taken once here: a scan would slice (on XLA:CPU,
+    # copy) every layer's weights out of the stacked arrays on every token.
+    layers = model.decode_layers()
     rows = b * g
     pad = jnp.int32(model.config.pad_token_id)
 
@@ -244,7 +254,7 @@ def _rollout(graphdef, state, input_ids, attention_mask, position_ids, rope_delt
         key_valid = key_valid.at[:, slot].set(True)
         pos = jnp.broadcast_to((next_pos + step)[None, :, None], (3, rows, 1))
         m = key_valid[:, None, None, :]
-        hidden, cache = model.decode_hidden(model.embed(tok[:, None]), pos, m, cache, slot)
+        hidden, cache = model.decode_hidden(model.embed(tok[:, None]), pos, m, cache, slot, layers)
         logits = model.logits(hidden[:, 0]).astype(jnp.float32)
         return step + 1, tokens, logprobs, done, cache, key_valid, logits, rng
 

@@ -22,6 +22,7 @@ BATCH_AXES = ("data", "fsdp")
 
 # logical axis name -> mesh axis (or None = replicated)
 DEFAULT_RULES: Mapping[str, str | None] = {
+    "layers": None,  # leading axis of scanned (stacked) layer parameters: never sharded
     "vocab": "tensor",
     "embed": "fsdp",
     "q_heads": "tensor",

@@ -74,7 +74,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from mr1jax import sampling  # noqa: E402
 from mr1jax.models.qwen2_vl.config import Qwen2VLConfig  # noqa: E402
-from mr1jax.models.qwen2_vl.model import Qwen2VL  # noqa: E402
+from mr1jax.models.qwen2_vl.model import Qwen2VL, init_cache  # noqa: E402
 from mr1jax.testing.bench import (OtherLoad, bench_config, build_random_model, build_reference_pair,  # noqa: E402
                                   image_grid, machine_busy, measure_bandwidth, measure_matmul,
                                   median_seconds, param_counts, summarize_params, text_params, timed_once,
@@ -173,20 +173,23 @@ def decode_model_costs(model: Qwen2VL, rows: int, cache_size: int, context: int,
     and the LM head [rows, hidden] x [hidden, vocab], each jitted alone."""
     graphdef, state = nnx.split(model)
     t = model.config.text
-    cache = [(jnp.zeros((rows, cache_size, t.num_kv_heads, t.head_dim), model.dtype),) * 2
-             for _ in range(t.num_layers)]
+    cache = init_cache(t, rows, cache_size, model.dtype)
+    # as the sampler's decode loop: per-layer weight slices taken once, outside the timed step
+    layers_graphdef, layers_state = nnx.split(nnx.List(model.decode_layers()))
     key_valid = jnp.broadcast_to(jnp.arange(cache_size) < context, (rows, cache_size))
     tok = jnp.zeros((rows,), jnp.int32)
 
-    def layers(state, cache, tok, key_valid):
+    def layers(state, layers_state, cache, tok, key_valid):
         m = nnx.merge(graphdef, state)
+        unstacked = list(nnx.merge(layers_graphdef, layers_state))
         pos = jnp.full((3, rows, 1), context, jnp.int32)
-        return m.decode_hidden(m.embed(tok[:, None]), pos, key_valid[:, None, None, :], cache, context - 1)
+        return m.decode_hidden(m.embed(tok[:, None]), pos, key_valid[:, None, None, :], cache, context - 1,
+                               unstacked)
 
     def head(state, hidden):
         return nnx.merge(graphdef, state).logits(hidden).astype(jnp.float32)
 
-    cases = {"decoder layers (4 layers, KV cache)": (jax.jit(layers), (state, cache, tok, key_valid)),
+    cases = {"decoder layers (4 layers, KV cache)": (jax.jit(layers), (state, layers_state, cache, tok, key_valid)),
              "LM head (tied embedding matmul)": (jax.jit(head), (state, jnp.ones((rows, t.hidden_size),
                                                                               model.dtype)))}
     return {name: median_seconds(lambda f=f, fargs=fargs: jax.block_until_ready(f(*fargs)), iters)

@@ -48,10 +48,13 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as d:
         save_pretrained(single, d)
         sharded = load_pretrained(d, dtype=jnp.float32, mesh=mesh)
-    # Parameters really are split: the q projection over (fsdp, tensor) -> each device holds a quarter.
-    q = sharded.model.layers[0].self_attn.q_proj.kernel[...]
-    assert q.sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor"), q.sharding.spec
-    assert q.addressable_shards[0].data.shape == (32, 32), q.addressable_shards[0].data.shape
+    # Parameters really are split: the stacked q projection [layers, in, out] over (-, fsdp, tensor) -> each
+    # device holds a quarter of every layer; the layer axis is never split.
+    q = sharded.model.layers.self_attn.q_proj.kernel[...]
+    assert q.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor"), q.sharding.spec
+    assert q.addressable_shards[0].data.shape == (2, 32, 32), q.addressable_shards[0].data.shape
+    fc1 = sharded.visual.blocks.fc1.kernel[...]
+    assert fc1.sharding.spec[0] is None, fc1.sharding.spec
     emb = sharded.model.embed_tokens.embedding[...]
     assert emb.sharding.spec == jax.sharding.PartitionSpec("tensor", "fsdp"), emb.sharding.spec
 

@@ -108,9 +108,12 @@ def open_checkpoint(path: str) -> dict[str, SafetensorsFile]:
 
 
 # ------------------------------------------------------------------------------------------ name mapping
+_LAYER = "{layer}"  # placeholder for the layer index in the HF name of a stacked (scanned) parameter
 _RENAMES = [  # (our path regex, HF name) applied in order
+    (r"^model\.layers\.", "model.layers.{layer}."),
+    (r"^visual\.blocks\.", "visual.blocks.{layer}."),
     (r"^visual\.patch_embed\.kernel$", "visual.patch_embed.proj.weight"),
-    (r"^visual\.blocks\.(\d+)\.fc(\d)\.", r"visual.blocks.\1.mlp.fc\2."),
+    (r"^visual\.blocks\.\{layer\}\.fc(\d)\.", r"visual.blocks.{layer}.mlp.fc\1."),
     (r"^visual\.merger\.fc1\.", "visual.merger.mlp.0."),
     (r"^visual\.merger\.fc2\.", "visual.merger.mlp.2."),
     (r"\.embedding$", ".weight"),
@@ -122,13 +125,22 @@ def hf_key(path: tuple[Any, ...]) -> tuple[str, str]:
     """Our parameter path -> (HF tensor name, transform) with transform in {'copy', 'linear', 'patch'}.
 
     'linear': HF stores [out, in], we store [in, out]. 'patch': the Conv3d kernel [E, C, T, P, P] is
-    flattened to [E, C*T*P*P] and transposed.
+    flattened to [E, C*T*P*P] and transposed. Parameters of the scanned decoder layers / vision blocks are
+    stacked along a leading layer axis; their HF name holds a ``{layer}`` placeholder (`hf_layer_names`), and
+    the transform applies to each layer's slice.
     """
     name = ".".join(str(p) for p in path)
     kind = "patch" if name == "visual.patch_embed.kernel" else "linear" if name.endswith(".kernel") else "copy"
     for pattern, repl in _RENAMES:
         name = re.sub(pattern, repl, name)
     return name, kind
+
+
+def hf_layer_names(name: str, shape: tuple[int, ...]) -> list[str] | None:
+    """The per-layer HF names of a stacked parameter (`hf_key` name with ``{layer}``), or None if unstacked."""
+    if _LAYER not in name:
+        return None
+    return [name.replace(_LAYER, str(i)) for i in range(shape[0])]
 
 
 def normalize_hf_key(name: str) -> str:
@@ -157,6 +169,14 @@ def _hf_shape(shape: tuple[int, ...], kind: str, cfg: Qwen2VLConfig) -> tuple[in
     return tuple(shape)
 
 
+def _read_stacked(sources: list[tuple[SafetensorsFile, str]], kind: str, index: tuple[slice, ...] | None,
+                  dtype) -> np.ndarray:
+    """Read (a slice of) a stacked parameter from its per-layer tensors: index[0] selects the layers."""
+    layers = range(len(sources)) if index is None else range(len(sources))[index[0]]
+    rest = None if index is None else index[1:]
+    return np.stack([_read(*sources[i], kind, rest, dtype) for i in layers])
+
+
 def _read(src: SafetensorsFile, name: str, kind: str, index: tuple[slice, ...] | None, dtype) -> np.ndarray:
     """Read (a slice of) tensor `name` in our layout, cast to `dtype`."""
     t = src[name]
@@ -172,7 +192,7 @@ def _read(src: SafetensorsFile, name: str, kind: str, index: tuple[slice, ...] |
 
 # ------------------------------------------------------------------------------------------ load / save
 def load_pretrained(path: str | os.PathLike, *, dtype=jnp.bfloat16, param_dtype=None, mesh: Mesh | None = None,
-                    config: Qwen2VLConfig | None = None) -> Qwen2VL:
+                    config: Qwen2VLConfig | None = None, remat: str = "none") -> Qwen2VL:
     """Load a Hugging Face Qwen2-VL directory into a (sharded) `Qwen2VL`.
 
     Args:
@@ -180,13 +200,15 @@ def load_pretrained(path: str | os.PathLike, *, dtype=jnp.bfloat16, param_dtype=
       dtype: compute dtype; param_dtype: storage dtype (defaults to `dtype`).
       mesh: when given, each parameter is created directly on its shards (`mr1jax.sharding` rules).
       config: override the config read from `path`.
+      remat: rematerialisation policy of the scanned layers (`Qwen2VL`, one of `REMAT_POLICIES`).
     Raises:
       CheckpointMismatchError naming every missing, unexpected and misshaped tensor.
     """
     path = os.fspath(path)
     cfg = config or Qwen2VLConfig.from_hf(path)
     param_dtype = param_dtype or dtype
-    abstract = nnx.eval_shape(lambda: Qwen2VL(cfg, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=param_dtype))
+    abstract = nnx.eval_shape(lambda: Qwen2VL(cfg, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=param_dtype,
+                                              remat=remat))
     graphdef, state = nnx.split(abstract)
     # normalized name -> (file, name inside the file)
     tensors = {normalize_hf_key(k): (f, k) for k, f in open_checkpoint(path).items()}
@@ -196,17 +218,24 @@ def load_pretrained(path: str | os.PathLike, *, dtype=jnp.bfloat16, param_dtype=
     plan = []
     for p, var in flat:
         name, kind = hf_key(p)
-        expected = _hf_shape(var.shape, kind, cfg)
-        if name not in tensors:
-            missing.append(f"{name} {list(expected)}")
-            continue
-        used.add(name)
-        src, stored = tensors[name]
-        got = src.shape(stored)
-        if tuple(got) != expected:
-            misshaped.append(f"{name}: checkpoint {list(got)} vs model {list(expected)}")
-            continue
-        plan.append((p, var, src, stored, kind))
+        names = hf_layer_names(name, var.shape)
+        expected = _hf_shape(var.shape if names is None else var.shape[1:], kind, cfg)
+        sources, ok = [], True
+        for one in names or [name]:
+            if one not in tensors:
+                missing.append(f"{one} {list(expected)}")
+                ok = False
+                continue
+            used.add(one)
+            src, stored = tensors[one]
+            got = src.shape(stored)
+            if tuple(got) != expected:
+                misshaped.append(f"{one}: checkpoint {list(got)} vs model {list(expected)}")
+                ok = False
+                continue
+            sources.append((src, stored))
+        if ok:
+            plan.append((p, var, sources if names is not None else sources[0], kind))
     unexpected = sorted(set(tensors) - used - ({"lm_head.weight"} if cfg.tie_word_embeddings else set()))
     if missing or misshaped or unexpected:
         lines = [f"checkpoint {path} does not match the Qwen2-VL model built from its config:"]
@@ -216,29 +245,38 @@ def load_pretrained(path: str | os.PathLike, *, dtype=jnp.bfloat16, param_dtype=
         raise CheckpointMismatchError("\n".join(lines))
 
     values = {}
-    for p, var, src, name, kind in plan:
+    for p, var, source, kind in plan:
         np_dtype = np.dtype(var.dtype)
+        if isinstance(source, list):   # stacked: one HF tensor per layer
+            read = lambda idx, source=source, kind=kind, dt=np_dtype: _read_stacked(source, kind, idx, dt)  # noqa: E731
+        else:
+            read = lambda idx, source=source, kind=kind, dt=np_dtype: _read(*source, kind, idx, dt)  # noqa: E731
         if mesh is None:
-            values[p] = jnp.asarray(_read(src, name, kind, None, np_dtype))
+            values[p] = jnp.asarray(read(None))
         else:
             spec = shd.logical_to_spec(var.get_metadata().get("logical_axes"), var.shape, mesh)
-            values[p] = jax.make_array_from_callback(
-                var.shape, NamedSharding(mesh, spec),
-                lambda idx, src=src, name=name, kind=kind, dt=np_dtype: _read(src, name, kind, idx, dt))
+            values[p] = jax.make_array_from_callback(var.shape, NamedSharding(mesh, spec), read)
     params = nnx.from_flat_state([(p, var.replace(values[p])) for p, var, *_ in plan])
     model = nnx.merge(graphdef, params, nnx.state(abstract, nnx.Not(nnx.Param)))
     return model
 
 
 def iter_hf_tensors(model: Qwen2VL, save_dtype=None) -> Iterator[tuple[str, np.ndarray]]:
-    """Yield (HF name, host array in HF layout) for every parameter, one tensor gathered at a time."""
+    """Yield (HF name, host array in HF layout) for every parameter, one tensor gathered at a time.
+
+    Stacked (scanned) layer parameters are unstacked into one tensor per layer, in layer order.
+    """
     cfg = model.config
     for p, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
         name, kind = hf_key(p)
-        arr = np.asarray(jax.device_get(var[...]))
-        if save_dtype is not None:
-            arr = arr.astype(save_dtype)
-        yield name, np.ascontiguousarray(to_hf_layout(arr, kind, _hf_shape(arr.shape, kind, cfg)))
+        names = hf_layer_names(name, var.shape)
+        value = var[...]
+        slices = [(name, value)] if names is None else [(n, value[i]) for i, n in enumerate(names)]
+        for one, part in slices:
+            arr = np.asarray(jax.device_get(part))
+            if save_dtype is not None:
+                arr = arr.astype(save_dtype)
+            yield one, np.ascontiguousarray(to_hf_layout(arr, kind, _hf_shape(arr.shape, kind, cfg)))
 
 
 def save_pretrained(model: Qwen2VL, path: str | os.PathLike, *, max_shard_bytes: int = 5 * 1024**3,

@@ -7,6 +7,8 @@ Every `nnx.Param` here has a ``logical_axes`` metadata tuple (one name per array
 
 from __future__ import annotations
 
+from typing import Any, Callable
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -78,3 +80,73 @@ class LayerNorm(nnx.Module):
         var = jnp.mean(jnp.square(xf - mean), axis=-1, keepdims=True)
         y = (xf - mean) * jax.lax.rsqrt(var + self.eps)
         return (y * self.weight[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)).astype(dtype)
+
+
+# ------------------------------------------------------------------------------------------ stacked layers
+REMAT_POLICIES = ("none", "full", "dots")
+
+
+def check_remat(policy: str) -> str:
+    """Return `policy` if it is one of `REMAT_POLICIES`, else raise ValueError naming the allowed values."""
+    if policy not in REMAT_POLICIES:
+        raise ValueError(f"unknown remat policy {policy!r}; allowed: {', '.join(map(repr, REMAT_POLICIES))}")
+    return policy
+
+
+def stacked(make: Callable[[nnx.Rngs], nnx.Module], num: int, rngs: nnx.Rngs) -> nnx.Module:
+    """`num` independently initialised copies of ``make(rngs)`` as ONE module whose every variable has a
+    leading layer axis of size `num` (logical name ``"layers"`` prepended to each Param's ``logical_axes``).
+
+    Each copy draws its parameters from its own key (one split of ``rngs.params()``). Run it with `scan`.
+    """
+    keys = jax.random.split(rngs.params(), num)
+    graphdef = nnx.graphdef(nnx.eval_shape(lambda: make(nnx.Rngs(0))))
+    state = jax.vmap(lambda key: nnx.state(make(nnx.Rngs(params=key))))(keys)
+    module = nnx.merge(graphdef, state)
+    for _, node in nnx.iter_graph(module):
+        if isinstance(node, nnx.Param):
+            axes = node.get_metadata().get("logical_axes")
+            node.set_metadata(logical_axes=("layers",) + tuple(axes if axes is not None else (None,) * (node.ndim - 1)))
+    return module
+
+
+def unstack(layers: nnx.Module) -> list[nnx.Module]:
+    """The per-layer modules of a stacked module (static slices of every variable; a copy under jit).
+
+    For decode loops: slice once outside the loop and run the layers as a Python loop. A scan reads each
+    layer's weights with a dynamic slice, which XLA:CPU materialises (a copy of all layer weights per
+    decode step); per-layer arrays sliced once avoid that.
+    """
+    graphdef, state = nnx.split(layers)
+    num = jax.tree.leaves(state)[0].shape[0]
+    return [nnx.merge(graphdef, jax.tree.map(lambda a, i=i: a[i], state)) for i in range(num)]
+
+
+def _remat(fn: Callable, policy: str) -> Callable:
+    check_remat(policy)
+    if policy == "full":
+        return jax.checkpoint(fn, prevent_cse=False, policy=jax.checkpoint_policies.nothing_saveable)
+    if policy == "dots":
+        return jax.checkpoint(fn, prevent_cse=False,
+                              policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
+    return fn
+
+
+def scan(layers: nnx.Module, body: Callable[[nnx.Module, Any, jax.Array], Any], carry: Any, *,
+         remat: str = "none") -> Any:
+    """Run ``carry = body(layer_i, carry, i)`` for i = 0..L-1 with `jax.lax.scan` over the stacked
+    parameters of `layers` (built by `stacked`); one layer body is traced and compiled whatever L is.
+
+    `remat`: "none", "full" (`jax.checkpoint` of the whole layer body, nothing saved) or "dots" (matmul
+    outputs without batch dimensions saved, the rest recomputed in the backward pass). The layers must not
+    mutate their state (no batch statistics, no rng streams).
+    """
+    graphdef, state = nnx.split(layers)
+    num = jax.tree.leaves(state)[0].shape[0]
+
+    def step(carry, xs):
+        layer_state, i = xs
+        return body(nnx.merge(graphdef, layer_state), carry, i), None
+
+    carry, _ = jax.lax.scan(_remat(step, remat), carry, (state, jnp.arange(num, dtype=jnp.int32)))
+    return carry

@@ -20,9 +20,13 @@ from flax import nnx
 
 from mr1jax.models.qwen2_vl import rope
 from mr1jax.models.qwen2_vl.config import Qwen2VLConfig
-from mr1jax.models.qwen2_vl.layers import Dense
-from mr1jax.models.qwen2_vl.text import LayerCache, TextDecoder
+from mr1jax.models.qwen2_vl.layers import REMAT_POLICIES, Dense, check_remat, unstack
+from mr1jax.models.qwen2_vl.text import KVCache, TextDecoder, init_cache
 from mr1jax.models.qwen2_vl.vision import VisionTower
+
+
+__all__ = ["REMAT_POLICIES", "ImageTokenMismatchError", "ModelInputs", "Qwen2VL", "attention_mask_4d", "init_cache",
+           "prepare_inputs", "set_remat"]
 
 
 class ImageTokenMismatchError(ValueError):
@@ -91,17 +95,29 @@ class Qwen2VL(nnx.Module):
     """Qwen2-VL for conditional generation.
 
     Attributes mirror the Hugging Face layout: `visual` (vision tower), `model` (text decoder), `lm_head`
-    (None when embeddings are tied; the head then reads `model.embed_tokens`).
+    (None when embeddings are tied; the head then reads `model.embed_tokens`). The decoder layers
+    (`model.layers`) and vision blocks (`visual.blocks`) are single modules whose parameters are stacked along
+    a leading layer axis and run under `jax.lax.scan`.
+
+    remat: rematerialisation of each scanned layer in the backward pass, one of `REMAT_POLICIES`: "none"
+      (save everything), "full" (`jax.checkpoint`, nothing saved: recompute the layer), "dots" (save matmul
+      outputs without batch dimensions, recompute the rest). Change it later with `set_remat`.
     """
 
-    def __init__(self, config: Qwen2VLConfig, *, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32):
+    def __init__(self, config: Qwen2VLConfig, *, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32,
+                 remat: str = "none"):
         self.config = config
         self.dtype = dtype
-        self.visual = VisionTower(config.vision, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
-        self.model = TextDecoder(config.text, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        self.remat = check_remat(remat)
+        self.visual = VisionTower(config.vision, rngs=rngs, dtype=dtype, param_dtype=param_dtype, remat=remat)
+        self.model = TextDecoder(config.text, rngs=rngs, dtype=dtype, param_dtype=param_dtype, remat=remat)
         self.lm_head = None if config.tie_word_embeddings else Dense(
             config.text.hidden_size, config.text.vocab_size, axes=("embed", "vocab"), use_bias=False, rngs=rngs,
             dtype=dtype, param_dtype=param_dtype)
+
+    def set_remat(self, policy: str) -> None:
+        """Switch the rematerialisation policy (read at trace time: the next jit trace uses it)."""
+        self.remat = self.model.remat = self.visual.remat = check_remat(policy)
 
     # ------------------------------------------------------------------ pieces (used by the sampler)
     def image_features(self, pixel_values: jax.Array, patch_pos: jax.Array, patch_segments) -> jax.Array:
@@ -131,11 +147,21 @@ class Qwen2VL(nnx.Module):
         return self.lm_head(hidden, out_dtype)
 
     def decode_hidden(self, embeds: jax.Array, position_ids: jax.Array, mask: jax.Array,
-                      cache: list[LayerCache] | None = None, cache_index: jax.Array | int = 0):
-        """Run the decoder on embeddings [B, T, hidden] at M-RoPE positions [3, B, T] with mask [B,1,T,S]."""
+                      cache: KVCache | None = None, cache_index: jax.Array | int = 0, unstacked=None):
+        """Run the decoder on embeddings [B, T, hidden] at M-RoPE positions [3, B, T] with mask [B,1,T,S].
+
+        cache: optional stacked (k, v) [layers, B, S, kv_heads, head_dim] (`init_cache`), written at slots
+        [cache_index, cache_index + T). Returns (hidden [B, T, hidden], updated cache or None).
+        unstacked: optional per-layer modules (`decode_layers`) run as a Python loop instead of the scan.
+        """
         t = self.config.text
         cos, sin = rope.mrope_cos_sin(position_ids, t.head_dim, t.rope_theta, t.mrope_section)
-        return self.model(embeds, cos, sin, mask, cache, cache_index)
+        return self.model(embeds, cos, sin, mask, cache, cache_index, unstacked)
+
+    def decode_layers(self) -> list:
+        """The decoder layers as per-layer modules (static slices of the stacked parameters), for
+        `decode_hidden(..., unstacked=...)` in a decode loop: slice once, before the loop."""
+        return unstack(self.model.layers)
 
     # ------------------------------------------------------------------ full forward
     def hidden_states(self, input_ids: jax.Array, attention_mask: jax.Array, position_ids: jax.Array,
@@ -190,3 +216,9 @@ class Qwen2VL(nnx.Module):
                             None if extra.patch_pos is None else jnp.asarray(extra.patch_pos),
                             extra.patch_segments if isinstance(extra.patch_segments, int | None)
                             else jnp.asarray(extra.patch_segments))
+
+
+def set_remat(model: Qwen2VL, policy: str) -> Qwen2VL:
+    """Set `model`'s rematerialisation policy (one of `REMAT_POLICIES`) in place; returns the model."""
+    model.set_remat(policy)
+    return model

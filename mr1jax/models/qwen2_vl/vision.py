@@ -7,6 +7,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from mr1jax.models.qwen2_vl.config import VisionConfig
+from mr1jax.models.qwen2_vl import layers as nn
 from mr1jax.models.qwen2_vl.layers import Dense, LayerNorm
 from mr1jax.models.qwen2_vl.rope import apply_rotary, vision_cos_sin
 
@@ -74,16 +75,22 @@ class PatchMerger(nnx.Module):
 
 
 class VisionTower(nnx.Module):
-    """pixel_values [N, C*T*P*P] -> image features [N / merge^2, text hidden]."""
+    """pixel_values [N, C*T*P*P] -> image features [N / merge^2, text hidden].
 
-    def __init__(self, cfg: VisionConfig, *, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32):
+    `blocks` is one `VisionBlock` with every parameter stacked along a leading axis of size depth, run with
+    `layers.scan`; `remat` ("none" / "full" / "dots") is read at trace time.
+    """
+
+    def __init__(self, cfg: VisionConfig, *, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32,
+                 remat: str = "none"):
         self.cfg = cfg
         self.patch_embed = Dense(cfg.patch_dim, cfg.embed_dim, axes=("patch", "vision_embed"), use_bias=False,
                                  rngs=rngs, dtype=dtype, param_dtype=param_dtype)
-        self.blocks = nnx.List([VisionBlock(cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
-                                for _ in range(cfg.depth)])
+        self.blocks = nn.stacked(lambda r: VisionBlock(cfg, rngs=r, dtype=dtype, param_dtype=param_dtype),
+                                 cfg.depth, rngs)
         self.merger = PatchMerger(cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
         self.dtype = dtype
+        self.remat = nn.check_remat(remat)
 
     def __call__(self, pixel_values: jax.Array, patch_pos: jax.Array, segments: jax.Array | int) -> jax.Array:
         """
@@ -97,6 +104,5 @@ class VisionTower(nnx.Module):
         """
         cos, sin = vision_cos_sin(patch_pos, self.cfg.head_dim, self.cfg.rope_theta)
         x = self.patch_embed(pixel_values.astype(self.dtype))
-        for block in self.blocks:
-            x = block(x, cos, sin, segments)
+        x = nn.scan(self.blocks, lambda block, x, _: block(x, cos, sin, segments), x, remat=self.remat)
         return self.merger(x)
