@@ -93,7 +93,7 @@ if __name__ == "__main__":
         if name == "1dev":
             continue
         res, params = run(name)
-        diff = max(float(np.max(np.abs(params[k].astype(np.float64) - base_params[k]))) for k in base_params)
-        scale = max(float(np.max(np.abs(v))) for v in base_params.values())
-        print("RESULT", json.dumps({"mesh": name, **res, "param_maxdiff": diff, "param_scale": scale}), flush=True)
+        diffs = np.concatenate([np.abs(params[k].astype(np.float64) - base_params[k]).ravel() for k in base_params])
+        print("RESULT", json.dumps({"mesh": name, **res, "param_maxdiff": float(diffs.max()),
+                                    "param_meandiff": float(diffs.mean())}), flush=True)
     print("COLLECTIVES", json.dumps(fsdp_collectives()), flush=True)
