@@ -7,8 +7,9 @@
 The model is built abstractly (`nnx.eval_shape`: no weights are allocated or read). For each rollout stage of
 the config (`rl.ptst_stages`, else one stage from `rollout`) the real jitted steps are lowered and compiled
 for the config's shapes on the requested mesh, and a table reports per device: argument / output / aliased
-(donated) / temporary / generated-code bytes from `compiled.memory_analysis()`, their total
-(args + outputs - aliased + temp + code), FLOPs from `compiled.cost_analysis()` and an analytic estimate,
+(donated) / temporary / generated-code bytes from `compiled.memory_analysis()`, their sum
+(args + outputs - aliased + temp + code) and XLA:TPU's peak (what its out-of-memory check uses; the verdicts
+use the peak where the backend reports it, else the sum), FLOPs from `compiled.cost_analysis()` and an analytic estimate,
 compile time, and whether the total fits each accelerator of `mr1jax.accelerators`.
 
 Steps: `grpo_update` (one optimizer step on a minibatch of prompt groups, micro-batched as configured),
@@ -417,10 +418,11 @@ def compile_program(prog: StepProgram, mesh: Mesh) -> dict:
     ma = compiled.memory_analysis()
     mem = {k: int(getattr(ma, f"{k}_size_in_bytes", 0) or 0)
            for k in ("argument", "output", "alias", "temp", "generated_code")}
-    mem["total"] = mem["argument"] + mem["output"] - mem["alias"] + mem["temp"] + mem["generated_code"]
-    peak = int(getattr(ma, "peak_memory_in_bytes", 0) or 0)
+    mem["sum"] = mem["argument"] + mem["output"] - mem["alias"] + mem["temp"] + mem["generated_code"]
+    peak = int(getattr(ma, "peak_memory_in_bytes", 0) or 0)   # XLA:TPU reports it (what it checks); CPU/GPU: 0
     if peak:
         mem["peak"] = peak
+    mem["total"] = peak or mem["sum"]                         # the figure the fit verdicts use
     res["memory"] = mem
     cost = compiled.cost_analysis()
     if isinstance(cost, (list, tuple)):
@@ -610,12 +612,13 @@ def _memory_table(results: list[dict]) -> str:
         mem = r.get("memory")
         if mem is None:
             needed = r.get("oom", {}).get("needed_bytes")
-            cells = ["-"] * 5 + [f">{fmt_m(needed)}" if needed else "-"]
+            cells = ["-"] * 6 + [f">{fmt_m(needed)}" if needed else "-"]
         else:
-            cells = [fmt_m(mem[k]) for k in ("argument", "output", "alias", "temp", "generated_code", "total")]
+            cells = [fmt_m(mem[k]) for k in ("argument", "output", "alias", "temp", "generated_code", "sum")]
+            cells.append(fmt_m(mem.get("peak")))
         rows.append([r["step"], r["shapes"], *cells, fmt_f(r.get("xla_flops_per_device")),
                      fmt_f(r.get("analytic_flops_per_device")), f"{r['compile_s']:.1f}"])
-    return _table(["step", "shapes", f"args {mem_unit}", "out", "alias", "temp", "code", f"total {mem_unit}",
+    return _table(["step", "shapes", f"args {mem_unit}", "out", "alias", "temp", "code", "sum", f"peak {mem_unit}",
                    f"XLA {flop_unit}", f"analytic {flop_unit}", "compile s"], rows)
 
 
@@ -636,8 +639,8 @@ def format_plan(plan: dict) -> str:
            f"vision {m['params_vision']:,}, decoder {m['params_decoder']:,}, embedding {m['params_embedding']:,}, "
            f"lm_head {m['params_lm_head']:,})",
            f"  target  {t['description']}; mesh " + " ".join(f"{k}={v}" for k, v in plan["mesh"].items()),
-           f"  memory  per device, XLA:{t['platform'].upper()} memory analysis; total = args + out - alias + temp "
-           "+ code",
+           f"  memory  per device, XLA:{t['platform'].upper()} memory analysis; sum = args + out - alias + temp + code; "
+           "peak = the compiler's peak (XLA:TPU only); verdicts use peak where reported, else sum",
            "  FLOPs   per device; XLA = compiler cost analysis (counts loop bodies once: a lower bound), "
            "analytic = formulas in the mr1jax.plan docstring",
            ""]
