@@ -37,6 +37,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.param_dtype = "float32"  # master weights and optimizer state: keep float32 (bf16 freezes at lr 1e-6)
     c.model.remat = "none"      # rematerialise decoder / vision layers in the backward pass: none | full | dots
     c.model.logit_chunk = 128   # LM head + log-softmax on this many positions at a time (0 = all at once)
+    c.model.attention_chunk = 1024  # training / scoring attention on this many queries at a time (0 = all)
     c.model.tiny = ml_collections.ConfigDict(dict(hidden_size=128, num_layers=2, vision_depth=2))
 
     c.data = ml_collections.ConfigDict()

@@ -72,7 +72,7 @@ def validate_config(c: ml_collections.ConfigDict) -> list[Stage]:
     if c.data.batch_size % c.sft.micro_batches:
         raise ConfigError(f"config.sft.micro_batches = {c.sft.micro_batches} must divide config.data.batch_size = "
                           f"{c.data.batch_size}")
-    for field in ("model.logit_chunk", "eval.max_new_tokens"):
+    for field in ("model.logit_chunk", "model.attention_chunk", "eval.max_new_tokens"):
         if not isinstance(_get(c, field), int) or _get(c, field) < 0:
             raise ConfigError(f"config.{field} must be an integer >= 0 (0 = off / the default), got {_get(c, field)!r}")
     if c.rl.k3_clamp < 0:

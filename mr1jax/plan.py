@@ -97,7 +97,6 @@ if __name__ == "__main__":
     early_environment(sys.argv)
 
 import dataclasses  # noqa: E402
-import inspect  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
 import time  # noqa: E402
@@ -113,6 +112,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P  # noqa: E402
 from mr1jax import sharding, steps  # noqa: E402
 from mr1jax.accelerators import ACCELERATORS, GiB, for_topology  # noqa: E402
 from mr1jax.models.qwen2_vl import Qwen2VL, Qwen2VLConfig  # noqa: E402
+from mr1jax.models.qwen2_vl.model import set_attention_chunk  # noqa: E402
 from mr1jax.rl.ptst import Stage  # noqa: E402
 from mr1jax.train_steps import grpo_config, sft_config, updates_per_rl_step  # noqa: E402
 
@@ -158,12 +158,12 @@ def resolve_model_config(c: ml_collections.ConfigDict, preset: str | None) -> tu
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
-def abstract_model(cfg: Qwen2VLConfig, dtype, param_dtype=None, remat: str = "none"
+def abstract_model(cfg: Qwen2VLConfig, dtype, param_dtype=None, remat: str = "none", attention_chunk: int = 0
                    ) -> tuple[nnx.GraphDef, nnx.State]:
     """(graphdef, state of ShapeDtypeStructs): no parameter is allocated."""
-    kw = {"remat": remat} if "remat" in inspect.signature(Qwen2VL.__init__).parameters else {}
     model = nnx.eval_shape(lambda: Qwen2VL(cfg, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=param_dtype or dtype,
-                                           **kw))
+                                           remat=remat))
+    set_attention_chunk(model, attention_chunk)
     return nnx.split(model)
 
 
@@ -291,7 +291,8 @@ class Programs:
         self.warnings: dict[str, str] = {}
         self.dtype = _DTYPES[c.model.dtype]
         self.param_dtype = _DTYPES[_opt(c, "model.param_dtype", c.model.dtype)]
-        self.graphdef, params = abstract_model(model_cfg, self.dtype, self.param_dtype, remat)
+        self.graphdef, params = abstract_model(model_cfg, self.dtype, self.param_dtype, remat,
+                                               _opt(c, "model.attention_chunk", 0))
         self.counts = ParamCounts.of(params)
         self.sft_tx, self.rl_tx = make_optimizers(c)        # the trainer's (same state structure)
         ref = jax.eval_shape(lambda p: steps.cast_floating(p, self.dtype), params) if kl else None

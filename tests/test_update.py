@@ -127,6 +127,17 @@ def test_micro_batches_and_chunks_give_the_same_update(setup, baseline, kw):
                                np.asarray(_logps(graphdef, params, setup["batch"], cfg=gcfg())), atol=1e-5)
 
 
+def test_chunked_attention_gives_the_same_logprobs_and_update(setup):
+    from mr1jax.models.qwen2_vl.model import set_attention_chunk
+
+    chunked = set_attention_chunk(_model(setup["tok"]), 24)     # 72-token sequences: 3 blocks
+    ref_m, ref_delta = _step(setup["model"], setup["batch"], gcfg())
+    m, delta = _step(chunked, setup["batch"], gcfg())
+    np.testing.assert_allclose(float(m["loss"]), float(ref_m["loss"]), rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(float(m["grad_norm"]), float(ref_m["grad_norm"]), rtol=1e-5)
+    _assert_trees_close(delta, ref_delta)
+
+
 def _sft_inputs(setup):
     c = setup["c"]
     b = sft_batch(setup["tok"], [setup["rows"][i] for i in range(PROMPTS)], image_size=IMAGE, seq_len=BUCKET + 24,
@@ -180,10 +191,13 @@ def test_bf16_compute_with_fp32_master_weights_trains_at_lr_1e6(setup):
     assert abs(float(m16["kl"]) - float(m32["kl"])) < 0.05 * float(m32["kl"]) + 1e-3
 
 
-def _temp_bytes(t: int, chunk: int, vocab: int = 151_936) -> tuple[int, int]:
+def _temp_bytes(t: int, chunk: int, vocab: int = 151_936, attention_chunk: int = 512) -> tuple[int, int]:
     """Peak temp memory of the compiled GRPO update (1 prompt x G=2, prompt 16 + t tokens, no image)."""
+    from mr1jax.models.qwen2_vl.model import set_attention_chunk
+
     cfg = Qwen2VLConfig.tiny(vocab_size=vocab, hidden_size=16, num_layers=1, vision_depth=1)
-    graphdef, params = nnx.split(nnx.eval_shape(lambda: Qwen2VL(cfg, rngs=nnx.Rngs(0))))
+    model = set_attention_chunk(nnx.eval_shape(lambda: Qwen2VL(cfg, rngs=nnx.Rngs(0))), attention_chunk)
+    graphdef, params = nnx.split(model)
     tx = optax.sgd(1.0)
     rows, seq, s = 2, 16 + t, jax.ShapeDtypeStruct
     batch = dict(input_ids=s((rows, seq), jnp.int32), attention_mask=s((rows, seq), jnp.int32),
@@ -194,7 +208,7 @@ def _temp_bytes(t: int, chunk: int, vocab: int = 151_936) -> tuple[int, int]:
     return lowered.compile().memory_analysis().temp_size_in_bytes, rows * t * vocab * 4
 
 
-def test_chunked_logprobs_memory_grows_with_t_not_t_times_vocab():
+def test_chunked_logprobs_and_attention_memory_grow_with_t_not_t_times_vocab_or_t_squared():
     t2k, logits2k = _temp_bytes(2048, 256)
     t4k, logits4k = _temp_bytes(4096, 256)
     assert t4k > t2k                                                  # grows with T ...
@@ -202,3 +216,10 @@ def test_chunked_logprobs_memory_grows_with_t_not_t_times_vocab():
     assert t4k < 0.5 * logits4k
     unchunked, _ = _temp_bytes(2048, 0)
     assert unchunked > logits2k                                       # what chunking avoids
+    full_attention, _ = _temp_bytes(4096, 256, vocab=512, attention_chunk=0)
+    chunked_attention, _ = _temp_bytes(4096, 256, vocab=512)
+    scores = 2 * 1 * (4096 + 16) ** 2 * 4                             # [rows, heads, S, S] fp32
+    # unchunked: scores, probabilities and their gradients; chunked: one 512-query block of them (what is left
+    # is the [rows, 1, S, S] boolean mask)
+    assert full_attention > 3 * scores and chunked_attention < 0.35 * full_attention, (full_attention,
+                                                                                         chunked_attention)

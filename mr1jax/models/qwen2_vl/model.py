@@ -26,7 +26,7 @@ from mr1jax.models.qwen2_vl.vision import VisionTower
 
 
 __all__ = ["REMAT_POLICIES", "ImageTokenMismatchError", "ModelInputs", "Qwen2VL", "attention_mask_4d", "init_cache",
-           "prepare_inputs", "set_remat"]
+           "prepare_inputs", "set_attention_chunk", "set_remat"]
 
 
 class ImageTokenMismatchError(ValueError):
@@ -216,6 +216,15 @@ class Qwen2VL(nnx.Module):
                             None if extra.patch_pos is None else jnp.asarray(extra.patch_pos),
                             extra.patch_segments if isinstance(extra.patch_segments, int | None)
                             else jnp.asarray(extra.patch_segments))
+
+
+def set_attention_chunk(model: Qwen2VL, chunk: int) -> Qwen2VL:
+    """Attend `chunk` queries at a time in full-sequence (training / scoring) passes of the text decoder
+    (`text.chunked_attention`; 0 = all at once). Read at trace time; returns the model."""
+    if not isinstance(chunk, int) or chunk < 0:
+        raise ValueError(f"attention chunk must be an integer >= 0, got {chunk!r}")
+    model.model.attention_chunk = chunk
+    return model
 
 
 def set_remat(model: Qwen2VL, policy: str) -> Qwen2VL:
