@@ -1,82 +1,80 @@
 #!/usr/bin/env python
-"""Where a GRPO step's time goes, the GRPO update's MFU, and SFT forward+backward against `transformers`.
+"""Where a GRPO step's time goes, the GRPO update's MFU, its memory / speed under LM-head chunking and remat,
+and SFT forward+backward and the SFT step against `transformers`.
 
-Default mode (CPU; about 2.5 minutes on an idle 2-core machine, about 4 on a busy one)::
+Default mode (CPU; minutes: see BUILD.md for a measured run)::
 
     python scripts/bench_train.py [--prompts 2] [--num_samples 4] [--prompt_bucket 128] [--max_new_tokens 32]
-                                  [--repeats 3] [--sft_rows 2] [--sft_len 192] [--sft_iters 6]
+                                  [--logit_chunk 128] [--remat none] [--repeats 3] [--sft_rows 2] [--sft_len 192]
+                                  [--compare_memory [--rows 4] [--completion_len 512] [--compare_iters 3]]
+    python scripts/bench_train.py --quick          # smoke test: tiny sizes, every part (~4 minutes)
 
 builds the benchmarks' ~116M-parameter Qwen2-VL (`mr1jax.testing.bench.bench_config`: real vocabulary 151936,
 tied embeddings, text hidden 512 x 4 layers, vision width 512 x 4 blocks) as a randomised
 `transformers.Qwen2VLForConditionalGeneration` and loads the same weights into mr1jax in fp32
-(`mr1jax.testing.bench.build_reference_pair`). It prints three parts:
+(`mr1jax.testing.bench.build_reference_pair`). Every mr1jax step is the trainer's own: a `TrainState`
+(`mr1jax.steps.init_train_state`, fp32 master weights, reference copy in the compute dtype) on a one-device
+(data, fsdp, tensor) mesh, and the explicitly sharded jitted steps of `mr1jax.steps` (``jit_grpo_update``,
+``jit_token_logprobs``, ``jit_sft_update``; params and opt_state donated) with the optimizer of
+`mr1jax.train.make_optimizers` (clip + AdamW), configured from ``configs/grpo.py`` with the sizes below.
+The benchmark owns a copy of the weights (donation consumes the state's buffers; the torch comparison keeps
+the originals). It prints four parts:
 
 1. **GRPO step split.** ``--prompts`` prompts, each one ``--image_size`` image (224: 256 patches -> 64 image
    tokens) plus text, left-padded to ``--prompt_bucket``; G = ``--num_samples`` completions of
-   ``--max_new_tokens`` tokens each. The phases of one `mr1jax.train` step, built as `mr1jax.train` builds
-   them, each timed warm (median of ``--repeats`` alternating rounds; compile reported separately):
+   ``--max_new_tokens`` tokens each. One RL step is `mr1jax.train_steps.rl_step`, as the training loop calls
+   it, timed by its own phase clocks (median of ``--repeats`` warm steps; first step minus the warm median
+   reported as compile):
 
-   * rollout: `mr1jax.sampling.generate` at temperature 1 (stop id ``--eos_id``, an embedding row the real
-     tokenizer never emits, so every row decodes all new tokens and the work is fixed);
-   * host: assembling the update batch as `mr1jax.train.rollout_batch` does (prompt + completion ids and
-     masks, M-RoPE `prepare_inputs` over the full sequences, group advantages). Rewards are synthetic
-     (normal draws): decoding text and the reward worker processes are not timed;
-   * reference log-probs: the jitted `completion_logprobs` on a frozen copy of the parameters (as `ref_fn`
-     in `mr1jax.train`);
-   * update: the jitted `grpo_update` (``jax.jit(grpo_update, static_argnames=("graphdef", "tx", "cfg"))``)
-     with ``optax.chain(clip_by_global_norm(1.0), adamw(...))``, ``--micro_batches`` micro-batches.
+   * rollout: `mr1jax.rollout.rollout_batch` -- `generate` at temperature 1, decoding, the reward worker
+     processes, the host update batch (M-RoPE over prompt + completion, group advantages). The stop id is an
+     embedding row the real tokenizer never emits (``--eos_id``), so every row decodes all new tokens and
+     the work is fixed. There is no tokenizer for the 151,936-token vocabulary here, so decoding is a stub
+     (`CoinFlipTokenizer`): every completion reads as a well-formed answer, right with probability 1/2, so
+     rewards and advantages vary within groups as in training;
+   * reference: `put_batch` + the jitted `token_logprobs` on the frozen reference copy;
+   * update: the jitted `grpo_update` (``--micro_batches`` micro-batches, LM head ``--logit_chunk``
+     positions at a time, remat ``--remat``) and reading its metrics.
 
-   A table gives median and min seconds, each phase's share of the step (sum of the medians) and its
-   compile time (rollout: first call minus the warm median; the jitted functions: ``lower`` + ``compile``).
    The randomised model's distributions are very peaked (logits of +-50), so sampled tokens have
-   log-probabilities near 0 and the GRPO gradient is tiny (grad_norm ~1e-6): the arithmetic is the same
-   as for a real model (completions of random tokens, grad_norm ~1e-4, update in the same time).
+   log-probabilities near 0 and the GRPO gradient is tiny: the arithmetic is the same as for a real model.
 
 2. **Update MFU.** FLOPs of the update = 3 x forward FLOPs (backward ~ 2x forward), forward as below (XLA's
-   own ``cost_analysis`` count of the compiled update is printed next to it as a check). MFU = FLOPs / median
+   own ``cost_analysis`` count of the lowered update is printed next to it as a check). MFU = FLOPs / median
    update seconds / this CPU's fp32 matmul peak, measured in the same run once per timing round (a jitted
-   2048x2048 ``jnp.dot``, median of 10 calls, as `measure_matmul` does; `matmul_peak` here also returns its
-   CPU time), so the peak sees the same machine load as the update. Target (the issue): update MFU >= 40% of
-   the measured matmul peak -> PASS / MISS. Also printed: the reference forward's MFU, the best observed
-   ratio (fastest update / highest peak) and a load-robust cross-check from this process's CPU time (FLOPs
-   per CPU-second of the update / of the matmul). Unless ``--no_diagnose``, the update is then taken apart,
-   each piece jitted and timed alone (median of ``--diag_iters``) with its CPU time, kernel time and minor
-   page faults per call (``getrusage``): the update again, the update with ``params`` / ``opt_state`` donated
-   (chained calls, as a training loop that donates would run), the loss forward, forward + backward without
-   the optimizer, the optimizer alone (against a memory-bandwidth roofline), the LM head + log-softmax
-   forward + backward, the three LM-head matmuls of that backward at their real shapes, and the embedding
-   gather's backward (a scatter-add into a dense [vocab, hidden] gradient); then the compiled update's
-   ``memory_analysis`` (argument / output / temporary bytes) with and without donation.
+   2048x2048 ``jnp.dot``, median of 10 calls), so the peak sees the same machine load as the update. Target
+   (the issue): update MFU >= 40% of the measured matmul peak -> PASS / MISS. Unless ``--no_diagnose``, the
+   update is then taken apart, each piece jitted and timed alone (median of ``--diag_iters``) with its CPU
+   time, kernel time and minor page faults per call (``getrusage``): the donating update (chained calls, as
+   the loop runs it), the loss forward, forward + backward without the optimizer, the optimizer alone
+   (against a memory-bandwidth roofline), the LM head + log-softmax forward + backward, the three LM-head
+   matmuls of that backward at their real shapes, and the embedding gather's backward (a scatter-add into a
+   dense [vocab, hidden] gradient).
 
-3. **SFT forward + backward vs torch**, same weights, same run: ``--sft_rows`` rows of ``--sft_len`` tokens
-   (one image each; later rows up to 24 tokens shorter, left-padded, unless ``--no_ragged``). The loss is
-   the mean next-token cross-entropy over every token whose predecessor is a real token (padding excluded).
-   mr1jax: ``jax.jit(jax.value_and_grad(sum / count of sft_loss_terms))`` over the parameter state;
-   torch: ``model(**inputs, labels=labels, use_cache=False).loss.backward()`` in fp32 eager with
-   ``torch.set_num_threads(os.cpu_count())`` (gradients reset with ``zero_grad(set_to_none=True)`` before each
-   step, inside the timing). Median ms of each (``--sft_iters`` runs in ``--rounds`` alternating blocks after
-   2 warm-ups), the speed-up torch/mr1jax against the target >= 1.5x, both losses and their difference, and
-   both global gradient norms.
+3. **Memory and speed of the update: LM-head chunking and remat** (``--compare_memory``). One GRPO update
+   (KL on, one micro-batch) on ``--rows`` rows of ``--prompt_bucket`` prompt + ``--completion_len``
+   completion tokens (synthetic completions of random tokens; G = ``--num_samples``), where the
+   [rows, completion_len, vocab] fp32 logits matter (4 x 512 x 151,936 x 4 B = 1.24 GB). For each variant
+   -- baseline (``logit_chunk`` 0, remat none), ``logit_chunk`` ``--compare_chunk``, remat full, remat dots,
+   chunk + full -- the jitted `jit_grpo_update` is compiled and its per-device ``memory_analysis`` read
+   (argument, output, aliased = donated, temporary bytes; total = args + out - alias + temp), then timed:
+   median of ``--compare_iters`` warm calls, each variant's steps chained on the same state. Same run, same
+   baseline.
 
-Example (idle 2-core AMD EPYC, jax 0.10.2, torch 2.13.0; the matmul peak itself varied 327-424 GFLOP/s and
-the update 1.76-2.34 s between idle runs, so the MFU landed at 39.6%, 42.5% and 50.8% in three of them)::
+4. **SFT vs torch**, same weights, same run: ``--sft_rows`` rows of ``--sft_len`` tokens (one image each;
+   later rows up to 24 tokens shorter, left-padded, unless ``--no_ragged``). The loss is the mean next-token
+   cross-entropy over every token whose predecessor is a real token (padding excluded). Two comparisons:
 
-    GRPO step phase                                         median s    min s  % of step  compile s
-    -----------------------------------------------------------------------------------------------
-    rollout: generate (vision + prefill + 32 decode steps)     0.803    0.786      26.9%        3.4
-    host: update batch (M-RoPE over prompt+completion)         0.003    0.003       0.1%          -
-    reference log-probs: jitted completion_logprobs            0.419    0.410      14.0%        1.1
-    update: jitted grpo_update (clip + adamw)                  1.762    1.688      59.0%        5.1
-    -----------------------------------------------------------------------------------------------
-    step (sum of medians; rewards not timed)                   2.987
-    ...
-    update FLOPs = 3 x forward = 325.4 GFLOP; XLA cost_analysis of the compiled update 327.9 GFLOP, ...
-    update:    1.762s -> 184.7 GFLOP/s = MFU 50.8%
-    target update MFU >= 40% of the measured matmul peak: 50.8% -> PASS
-    ...
-    mr1jax jit value_and_grad(sft_loss_terms)          1279.5    1243.0     214.0    72.124939
-    torch eager loss.backward()                        2570.5    2410.1     106.5    72.124947
-    speed-up torch/mr1jax: 2.01x  (target >= 1.5x: PASS)
+   * forward + backward: mr1jax ``jax.jit(jax.value_and_grad(sum / count of sft_loss_terms))`` (LM head
+     ``--logit_chunk`` positions at a time) vs torch ``model(**inputs, labels=labels,
+     use_cache=False).loss.backward()`` (gradients reset with ``zero_grad(set_to_none=True)`` inside the
+     timing); both losses and global gradient norms are compared;
+   * the optimizer step: mr1jax's `jit_sft_update` (forward + backward + clip + AdamW, donated) vs torch
+     forward + backward + ``clip_grad_norm_`` + ``torch.optim.AdamW`` (same hyper-parameters).
+
+   torch runs fp32 eager with ``torch.set_num_threads(os.cpu_count())``. Median ms of each (``--sft_iters``
+   runs in ``--rounds`` alternating blocks after 2 warm-ups) and the speed-up torch/mr1jax (target for
+   forward + backward: >= 1.5x).
 
 Every part prints the CPU time other processes used while timing (this machine is shared); runs where
 they used more than 10% of the cores are flagged. Before each timing round the script waits up to
@@ -84,7 +82,7 @@ they used more than 10% of the cores are flagged. Before each timing round the s
 the cores; the total waited is printed at the end.
 
 FLOPs of one forward (a matmul [m, k] x [k, n] = 2*m*k*n; norms, rotary, softmax, activations, the
-embedding gather and the optimizer are not counted):
+embedding gather and the optimizer are not counted; remat's recomputation is not counted either):
 
     text   = 2 * P_layers * R * S                   P_layers: all decoder-layer parameters; R rows of S tokens
            + 4 * n_layers * R * S^2 * n_heads * head_dim   QK^T and PV, full square (causal not discounted)
@@ -96,51 +94,65 @@ embedding gather and the optimizer are not counted):
 
     update (and SFT forward+backward) = 3 * forward
 
+Measured tables: BUILD.md, "GRPO step and SFT".
+
 Device mode (accelerator; random weights, no torch; not run on the CPU machine)::
 
     python scripts/bench_train.py --gpu_2b [--prompts 4] [--num_samples 8] [--prompt_bucket 512]
                                   [--max_new_tokens 256] [--image_size 448] [--micro_batches 4] [--peak_tflops 989]
+                                  [--compare_memory]
 
 builds the real Qwen2-VL-2B shape (`Qwen2VLConfig.qwen2_vl_2b_instruct()`, bf16 parameters and compute, random
-weights) and runs parts 1 and 2 on it: the step split and the update MFU against ``--peak_tflops`` (989: H100
+weights) and runs parts 1-3 on it: the step split and the update MFU against ``--peak_tflops`` (989: H100
 SXM dense bf16), next to the bf16 matmul throughput measured on the device (8192x8192 ``jnp.dot``).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import resource
 import statistics
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 from flax import nnx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
+from configs.grpo import get_config  # noqa: E402
+from mr1jax import sharding as shd  # noqa: E402
+from mr1jax import steps as st  # noqa: E402
+from mr1jax.config import make_optimizer  # noqa: E402
 from mr1jax.models.qwen2_vl.config import Qwen2VLConfig  # noqa: E402
 from mr1jax.models.qwen2_vl.model import Qwen2VL, prepare_inputs  # noqa: E402
 from mr1jax.rl import group_advantages  # noqa: E402
 from mr1jax.rl.losses import grpo_loss_terms, sequence_logprobs  # noqa: E402
-from mr1jax.rl.update import GRPOConfig, completion_logprobs, grpo_update, sft_loss_terms  # noqa: E402
-from mr1jax.sampling import generate, pad_to_bucket  # noqa: E402
+from mr1jax.rl.ptst import Stage  # noqa: E402
+from mr1jax.rl.update import GRPOConfig, SFTConfig, completion_logprobs, sft_loss_terms  # noqa: E402
+from mr1jax.rollout import rollout_batch  # noqa: E402
+from mr1jax.sampling import pad_to_bucket  # noqa: E402
 from mr1jax.testing.bench import (OtherLoad, bench_config, build_random_model, build_reference_pair,  # noqa: E402
                                   image_grid, machine_busy, measure_bandwidth, measure_matmul,
-                                  param_counts, summarize_params, timed, timed_once,
-                                  torch_inputs)
+                                  param_counts, summarize_params, timed, torch_inputs)
 from mr1jax.testing.hf_reference import make_batch  # noqa: E402
+from mr1jax.train import make_optimizers  # noqa: E402
+from mr1jax.train_steps import StepFunctions, grpo_config, rl_step  # noqa: E402
 
 TARGET_MFU = 0.40          # the issue: update MFU >= 40% of the measured matmul peak
 TARGET_SFT_SPEEDUP = 1.5   # the issue: SFT forward+backward >= 1.5x torch eager
 UNUSED_EOS_ID = 151935     # last embedding row: padding beyond the real tokenizer's 151,665 tokens
 BETA = 0.04                # KL coefficient passed to the update (OThink-MR1's beta_min)
+LR = 1e-6                  # learning rate of the benchmarked optimizers (constant; its value does not matter)
 T_START = time.perf_counter()
 
 
@@ -264,117 +276,158 @@ def build_prompts(cfg: Qwen2VLConfig, n_prompts: int, bucket: int, image_size: i
     return ids, mask, pv, grids
 
 
-def update_batch(cfg: Qwen2VLConfig, prompts, ro, g: int, rewards: np.ndarray, pixel_dtype) -> dict[str, Any]:
-    """The device update batch, assembled as `mr1jax.train.rollout_batch` does (rewards given)."""
+class CoinFlipTokenizer:
+    """Stands in for a tokenizer in `rollout_batch` (none exists for the 151,936-token vocabulary here): every
+    completion decodes to a well-formed ``<think>..</think><answer>k</answer>``, k a fair coin flip, so the
+    reward workers score it and accuracy (hence advantages) varies within each group."""
+
+    def __init__(self, pad_token_id: int, seed: int = 0):
+        self.pad_token_id = pad_token_id
+        self._rng = np.random.default_rng(seed)
+
+    def batch_decode(self, tokens, skip_special_tokens: bool = True) -> list[str]:
+        return [f"<think>stub</think><answer>{int(k)}</answer>" for k in self._rng.integers(0, 2, len(tokens))]
+
+
+def run_config(args) -> ml_collections.ConfigDict:
+    """``configs/grpo.py`` with the benchmark's sizes: pure GRPO, one optimizer step per rollout batch."""
+    c = get_config()
+    c.mode = "grpo"
+    c.data.batch_size, c.data.prompt_bucket, c.data.image_size = args.prompts, args.prompt_bucket, args.image_size
+    c.rollout.num_samples, c.rollout.max_new_tokens = args.num_samples, args.max_new_tokens
+    c.rl.micro_batches = args.micro_batches
+    c.model.logit_chunk, c.model.remat = args.logit_chunk, args.remat
+    c.optim.learning_rate, c.optim.warmup_steps = LR, 0
+    return c
+
+
+def new_state(model: Qwen2VL, tx: optax.GradientTransformation, mesh, *, keep_ref: bool) -> st.TrainState:
+    """A TrainState on `mesh` over a *copy* of `model`'s weights (the donating steps consume the state's
+    buffers; `model` keeps its own), the reference (if kept) in the parameters' dtype."""
+    params = st.make_reference(nnx.state(model), mesh)
+    dtype = jax.tree.leaves(params)[0].dtype
+    return st.init_train_state(params, tx, mesh, ref_dtype=dtype, keep_ref=keep_ref, seed=0)
+
+
+def synthetic_rollout(cfg: Qwen2VLConfig, prompts, g: int, t_new: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """A host update batch shaped as `rollout_batch` returns it (less ``sampler_logps``), with G completions of
+    `t_new` random (non-special) tokens per prompt, no stop, and random group-normalised advantages."""
     ids, mask, pv, grids = prompts
-    tokens, cmask = np.asarray(ro.tokens), np.asarray(ro.mask)
-    adv = group_advantages(jnp.asarray(rewards), g, scale="group")
+    rows = ids.shape[0] * g
+    rng = np.random.default_rng(seed)
+    tokens = rng.integers(0, cfg.pad_token_id, (rows, t_new)).astype(np.int32)   # below every special id
+    cmask = np.ones((rows, t_new), np.int32)
     full_ids = np.concatenate([np.repeat(ids, g, 0), tokens], 1)
     full_mask = np.concatenate([np.repeat(mask, g, 0), cmask], 1)
     positions = prepare_inputs(cfg, full_ids, full_mask, np.repeat(grids, g, 0)).position_ids
-    prompt_extra = prepare_inputs(cfg, ids, mask, grids)
-    batch = dict(input_ids=jnp.asarray(full_ids), attention_mask=jnp.asarray(full_mask),
-                 position_ids=jnp.asarray(positions), pixel_values=jnp.asarray(pv, pixel_dtype),
-                 patch_pos=jnp.asarray(prompt_extra.patch_pos), completion_mask=ro.mask,
-                 old_logps=ro.logprobs, advantages=adv)
-    jax.block_until_ready(batch)
-    return batch
+    patch_pos = prepare_inputs(cfg, ids, mask, grids).patch_pos
+    adv = np.asarray(group_advantages(jnp.asarray(rng.normal(size=rows), jnp.float32), g, scale="group"))
+    return dict(input_ids=full_ids.astype(np.int32), attention_mask=full_mask.astype(np.int32),
+                position_ids=np.asarray(positions, np.int32), pixel_values=np.asarray(pv, np.float32),
+                patch_pos=np.asarray(patch_pos, np.int32), completion_mask=cmask, advantages=adv.astype(np.float32))
+
+
+def memory_bytes(compiled) -> dict[str, int] | None:
+    """Per-device argument / output / aliased (donated) / temporary bytes of a compiled executable, and total =
+    arguments + outputs - aliased + temporaries; None where the backend has no memory analysis."""
+    try:
+        ma = compiled.memory_analysis()
+        out = dict(args=ma.argument_size_in_bytes, out=ma.output_size_in_bytes, alias=ma.alias_size_in_bytes,
+                   temp=ma.temp_size_in_bytes)
+    except Exception:  # noqa: BLE001 - a backend without memory analysis
+        return None
+    out["total"] = out["args"] + out["out"] - out["alias"] + out["temp"]
+    return out
 
 
 # ------------------------------------------------------------------------------------------ parts 1 + 2
-def run_grpo(model: Qwen2VL, args, *, pixel_dtype, peak_label: str, n_cores: int,
+def run_grpo(model: Qwen2VL, args, *, peak_label: str, n_cores: int,
              peak_fn: Callable[[], tuple[float, float]] | None = None, peak: float | None = None,
              extra_peak: tuple[float, str] | None = None) -> None:
     """Part 1 (step split) and part 2 (update MFU, diagnostics) for `model`.
 
     The MFU denominator is `peak` when given, else the median of `peak_fn()` (`matmul_peak`) measured once
-    per timing round (so a shared machine's load hits the peak measurement and the phases alike); with
-    `peak_fn` a process-CPU-time MFU is printed as well.
+    per timing round (so a shared machine's load hits the peak measurement and the step alike).
     """
     cfg = model.config
     p, g, t_new, bucket = args.prompts, args.num_samples, args.max_new_tokens, args.prompt_bucket
     rows, seq = p * g, bucket + t_new
     if p % args.micro_batches:
         raise SystemExit(f"--micro_batches {args.micro_batches} must divide --prompts {p}")
+    c = run_config(args)
+    stage = Stage(max_new_tokens=t_new, num_samples=g, steps=1)
+    mesh = shd.make_mesh(dict(c.mesh))
     counts = param_counts(model)
-    prompts = build_prompts(cfg, p, bucket, args.image_size)
-    ids, mask, pv, grids = prompts
+    ids, mask, pv, grids = build_prompts(cfg, p, bucket, args.image_size)
     n_patches = pv.shape[0]
     print(f"GRPO workload: {p} prompts (bucket {bucket}, {int(mask.sum(1).min())}-{int(mask.sum(1).max())} valid "
           f"tokens, one {args.image_size}x{args.image_size} image each: {n_patches // p} patches -> "
           f"{int((ids[0] == cfg.image_token_id).sum())} image tokens), G={g}, {t_new} new tokens -> {rows} rows "
-          f"x {seq} tokens; {args.micro_batches} micro-batch(es); stop id {args.eos_id}")
+          f"x {seq} tokens; {args.micro_batches} micro-batch(es), logit_chunk {args.logit_chunk}, remat "
+          f"{args.remat}; stop id {args.eos_id}; mesh {dict(mesh.shape)}")
 
-    # ---- rollout
-    roll_calls = [0]
+    # the trainer's pieces: optimizer, state, jitted steps (StepFunctions), one RL step = rl_step
+    model.set_remat(args.remat)
+    _, rl_tx = make_optimizers(c)
+    state = new_state(model, rl_tx, mesh, keep_ref=True)
+    graphdef = nnx.graphdef(model)
+    fns = StepFunctions(graphdef, mesh, st.state_shardings(state, mesh), sft_tx=None, rl_tx=rl_tx)
+    prompts = SimpleNamespace(input_ids=ids, attention_mask=mask, pixel_values=pv, image_grid_thw=grids,
+                              answers=np.array(["1"] * p))
+    tok = CoinFlipTokenizer(cfg.pad_token_id)
+    gcfg, whole = grpo_config(c, stage), grpo_config(c, stage, whole_batch=True)
+    holder = {"state": state, "batch": None, "n": 0}
+    del state
 
-    def rollout():
-        roll_calls[0] += 1
-        ro = generate(model, ids, mask, pv if pixel_dtype == jnp.float32 else pv.astype(pixel_dtype), grids,
-                      num_samples=g, max_new_tokens=t_new, temperature=1.0, top_p=1.0, top_k=0,
-                      eos_token_ids=(args.eos_id,), rng=jax.random.key(roll_calls[0]))
-        jax.block_until_ready((ro.tokens, ro.logprobs, ro.mask))
-        return ro
+    def loop_step() -> dict[str, Any]:           # the training loop's call
+        holder["state"], m = rl_step(holder["state"], fns, tok, prompts, stage, BETA, c=c)
+        return m
+
+    def phase_step() -> tuple[dict[str, float], dict[str, Any]]:
+        """rl_step's work (one update per rollout batch: no pi_old pass, one mini-batch) on the same compiled
+        steps, each phase blocked on its results before its clock stops (rl_step's own phase clocks do not
+        block: the reference pass's compute lands in its update time)."""
+        s = holder["state"]
+        holder["n"] += 1
+        t0 = time.perf_counter()
+        host, info = rollout_batch(nnx.merge(graphdef, s.params), tok, prompts, stage, c,
+                                   jax.random.key(holder["n"]), mesh)
+        t1 = time.perf_counter()
+        batch = st.put_batch(host, mesh)
+        batch["ref_logps"] = fns.logprobs(s.ref_params, batch, whole, "ref")
+        jax.block_until_ready(batch)
+        t2 = time.perf_counter()
+        prm, os_, met = fns.grpo(s.params, s.opt_state, batch, BETA, gcfg)
+        met = {k: float(v) for k, v in met.items()}
+        t3 = time.perf_counter()
+        holder["state"], holder["batch"] = s.replace(params=prm, opt_state=os_, step=s.step + 1), batch
+        return dict(rollout=t1 - t0, reference=t2 - t1, update=t3 - t2), dict(info, **met)
 
     t0 = time.perf_counter()
-    ro = rollout()
-    roll_first = time.perf_counter() - t0
-    lengths = np.asarray(ro.lengths)
-    rewards = np.random.default_rng(0).normal(size=rows).astype(np.float32)
-
-    def host():
-        return update_batch(cfg, prompts, ro, g, rewards, pixel_dtype)
-
-    batch = host()
-
-    # ---- reference and update, jitted as mr1jax.train jits them
-    graphdef, params = nnx.split(model)
-    ref_params = jax.tree.map(jnp.copy, params)
-    tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-6, weight_decay=0.0))
-    opt_state = tx.init(params)
-    gcfg = GRPOConfig(num_samples=g, prompt_len=bucket, micro_batches=args.micro_batches,
-                      patch_segments=p // args.micro_batches)
-    ref_fn = jax.jit(lambda prm, b, **kw: completion_logprobs(nnx.merge(graphdef, prm), b["input_ids"],
-                                                               b["attention_mask"], b["position_ids"],
-                                                               b["pixel_values"], b["patch_pos"], **kw),
-                     static_argnames=("prompt_len", "num_samples", "patch_segments"))
-    update_fn = jax.jit(grpo_update, static_argnames=("graphdef", "tx", "cfg"))
-    ref_kw = dict(prompt_len=bucket, num_samples=g, patch_segments=p)
-    beta = jnp.float32(BETA)
-
-    ref_batch = dict(batch)                  # the reference's inputs (no ref_logps key)
-    t0 = time.perf_counter()
-    ref_c = ref_fn.lower(ref_params, ref_batch, **ref_kw).compile()
-    ref_compile = time.perf_counter() - t0
-    batch["ref_logps"] = jax.block_until_ready(ref_c(ref_params, ref_batch))
-    t0 = time.perf_counter()
-    upd_c = update_fn.lower(graphdef, params, opt_state, batch, beta, tx=tx, cfg=gcfg).compile()
-    upd_compile = time.perf_counter() - t0
-
-    def ref():
-        return jax.block_until_ready(ref_c(ref_params, ref_batch))
-
-    def update():
-        return jax.block_until_ready(upd_c(params, opt_state, batch, beta))
-
-    _, _, m = update()                       # first call (buffers), then one more warm-up each
-    ref()
-    update()
-    host()
-    metrics = {k: float(v) for k, v in m.items()}
-
-    phases: dict[str, Callable[[], Any]] = {"rollout": rollout, "host": host, "reference": ref, "update": update}
-    times = {k: [] for k in phases}
-    cpu = {k: 0.0 for k in phases}
-    loads = {k: OtherLoad() for k in phases}
-    rollout()                                # warm-up of the rollout
+    loop_step()                              # compiles the sampler, the reference pass and the update
+    loop_compile = time.perf_counter() - t0
+    loop_step()                              # warm-up (and the reward workers)
+    phase_step()
+    times: dict[str, list[float]] = {k: [] for k in ("rollout", "reference", "update", "step", "loop")}
+    cpu = {k: 0.0 for k in ("step", "loop")}
+    loads = {k: OtherLoad() for k in ("phases", "rl_step")}
     peaks, cpu_peaks = [], []
     for _ in range(args.repeats):
         settle(args, n_cores)
-        for name, fn in phases.items():
-            c0 = cpu_seconds()
-            times[name].append(timed_once(fn, loads[name]))
-            cpu[name] += (cpu_seconds() - c0) / args.repeats
+        c0 = cpu_seconds()
+        loads["phases"].start()
+        ph, m = phase_step()
+        loads["phases"].stop()
+        c1 = cpu_seconds()
+        loads["rl_step"].start()
+        lm = loop_step()
+        loads["rl_step"].stop()
+        cpu["step"] += (c1 - c0) / args.repeats
+        cpu["loop"] += (cpu_seconds() - c1) / args.repeats
+        for k, v in ph.items():
+            times[k].append(v)
+        times["step"].append(sum(ph.values()))
+        times["loop"].append(lm["time_step"])
         if peak_fn is not None:
             wall_peak, cpu_peak = peak_fn()
             peaks.append(wall_peak)
@@ -384,66 +437,67 @@ def run_grpo(model: Qwen2VL, args, *, pixel_dtype, peak_label: str, n_cores: int
         peak = statistics.median(peaks)
         peak_label += (f", median of {len(peaks)} measured once per round (range {min(peaks) / 1e9:.1f}-"
                        f"{max(peaks) / 1e9:.1f}))")
-    step = sum(med.values())
-    compile_s = {"rollout": roll_first - med["rollout"], "host": None, "reference": ref_compile,
-                 "update": upd_compile}
     labels = {
-        "rollout": f"rollout: generate (vision + prefill + {t_new} decode steps)",
-        "host": "host: update batch (M-RoPE over prompt+completion)",
-        "reference": "reference log-probs: jitted completion_logprobs",
-        "update": "update: jitted grpo_update (clip + adamw)",
+        "rollout": f"rollout: rollout_batch (generate {t_new} tokens; rewards)",
+        "reference": "reference: put_batch + jitted token_logprobs",
+        "update": "update: jitted grpo_update (clip + adamw, donated)",
     }
     print()
-    print(f"{'GRPO step phase':<54} {'median s':>9} {'min s':>8} {'% of step':>10} {'compile s':>10}")
-    print("-" * 95)
-    for name, label in labels.items():
-        c = compile_s[name]
-        print(f"{label:<54} {med[name]:>9.3f} {min(times[name]):>8.3f} {med[name] / step:>10.1%} "
-              f"{'-' if c is None else f'{c:.1f}':>10}")
-    print("-" * 95)
-    print(f"{'step (sum of medians; rewards not timed)':<54} {step:>9.3f}")
-    print(f"medians of {args.repeats} warm call(s) per phase in alternating rounds; rollout lengths "
-          f"{int(lengths.min())}-{int(lengths.max())} of {t_new} ({int(np.asarray(ro.truncated).sum())}/{rows} "
-          f"truncated); update metrics: loss {metrics['loss']:.4f}, kl {metrics.get('kl', 0.0):.2e}, ratio "
-          f"{metrics['ratio_min']:.4f}-{metrics['ratio_max']:.4f}, grad_norm {metrics['grad_norm']:.2e}")
+    print(f"{'GRPO step phase':<54} {'median s':>9} {'min s':>8} {'% of step':>10}")
+    print("-" * 84)
+    for k, label in labels.items():
+        print(f"{label:<54} {med[k]:>9.3f} {min(times[k]):>8.3f} {med[k] / med['step']:>10.1%}")
+    print("-" * 84)
+    print(f"{'step (sum of the phases)':<54} {med['step']:>9.3f} {min(times['step']):>8.3f}")
+    print(f"{'same step as the loop calls it: rl_step time_step':<54} {med['loop']:>9.3f} {min(times['loop']):>8.3f}")
+    print(f"medians of {args.repeats} warm step(s) each, alternating; {cpu['step']:.2f} / {cpu['loop']:.2f} CPU s per "
+          f"step; first rl_step (compiling the sampler, reference pass and update; starting the reward workers) "
+          f"{loop_compile:.1f}s. Last step: reward {m['reward']:.2f}, completion length {m['completion_len']:.0f} of "
+          f"{t_new}, loss {m['loss']:.4f}, kl {m.get('kl', 0.0):.2e}, grad_norm {m['grad_norm']:.2e}, sampler-trainer "
+          f"gap mean {m['sampler_gap_mean']:.2e} max {m['sampler_gap_max']:.2e}")
+    print(f"rl_step's own phase clocks (last step; they do not block on the reference pass): rollout "
+          f"{lm['time_rollout']:.3f}, reference {lm['time_reference']:.3f}, update {lm['time_update']:.3f} s")
     line = load_line(loads, n_cores)
     if line:
         print(line)
 
     # ---- part 2: MFU
+    state = holder["state"]
+    spec = st.grpo_batch_spec(cfg, gcfg, p, args.image_size, t_new)
+    xla_upd = xla_flops(st.jit_grpo_update(graphdef, mesh, fns.shardings, spec, tx=rl_tx, cfg=gcfg)
+                        .lower(state.params, state.opt_state, spec, jnp.float32(BETA)))
+    ref_spec = {k: v for k, v in spec.items() if k not in ("ref_logps", "sampler_logps", "completion_mask",
+                                                           "advantages")}
+    xla_ref = xla_flops(st.jit_token_logprobs(graphdef, mesh, fns.shardings.params, ref_spec, cfg=whole)
+                        .lower(state.ref_params, ref_spec))
     fwd = forward_flops(cfg, counts, rows, seq, t_new, n_patches, p)
     upd_flops = 3 * fwd["total"]
-    xla_upd, xla_ref = xla_flops(upd_c), xla_flops(ref_c)
-    mfu = upd_flops / med["update"] / peak
-    ref_mfu = fwd["total"] / med["reference"] / peak
+    upd_s, ref_s = med["update"], med["reference"]
+    mfu = upd_flops / upd_s / peak
     print()
     print(f"forward FLOPs ({rows} rows x {seq} tokens, LM head on the {t_new} completion positions, vision on {p} "
           f"images): {flops_breakdown(fwd)}")
     print(f"update FLOPs = 3 x forward = {upd_flops / 1e9:.1f} GFLOP"
-          + (f"; XLA cost_analysis of the compiled update {xla_upd / 1e9:.1f} GFLOP" if xla_upd else "")
+          + (f"; XLA cost_analysis of the lowered update {xla_upd / 1e9:.1f} GFLOP" if xla_upd else "")
           + (f", of the reference forward {xla_ref / 1e9:.1f} GFLOP" if xla_ref else ""))
     print(f"{peak_label}: {peak / 1e9:,.1f} GFLOP/s")
     if extra_peak:
-        print(f"{extra_peak[1]}: {extra_peak[0] / 1e9:,.1f} GFLOP/s (update at {upd_flops / med['update'] / extra_peak[0]:.1%})")
-    print(f"update:    {med['update']:.3f}s -> {upd_flops / med['update'] / 1e9:,.1f} GFLOP/s = MFU {mfu:.1%}")
-    print(f"reference: {med['reference']:.3f}s -> {fwd['total'] / med['reference'] / 1e9:,.1f} GFLOP/s = MFU "
-          f"{ref_mfu:.1%} (forward only); update / reference time = {med['update'] / med['reference']:.2f} "
-          "(FLOP ratio 3)")
+        print(f"{extra_peak[1]}: {extra_peak[0] / 1e9:,.1f} GFLOP/s (update at {upd_flops / upd_s / extra_peak[0]:.1%})")
+    print(f"update:    {upd_s:.3f}s -> {upd_flops / upd_s / 1e9:,.1f} GFLOP/s = MFU {mfu:.1%}")
+    print(f"reference: {ref_s:.3f}s -> {fwd['total'] / ref_s / 1e9:,.1f} GFLOP/s = MFU "
+          f"{fwd['total'] / ref_s / peak:.1%} (forward only, incl. put_batch); update / reference time = "
+          f"{upd_s / ref_s:.2f} (FLOP ratio 3)")
     if peaks:
-        print(f"best observed (fastest update / highest peak measured): {upd_flops / min(times['update']) / 1e9:,.1f} "
-              f"GFLOP/s = MFU {upd_flops / min(times['update']) / max(peaks):.1%}")
-        cpu_peak = statistics.median(cpu_peaks)
-        print(f"per CPU-second of this process (load-robust cross-check): update {upd_flops / cpu['update'] / 1e9:.1f} "
-              f"GFLOP ({cpu['update']:.2f} CPU s per call), reference {fwd['total'] / cpu['reference'] / 1e9:.1f}, "
-              f"matmul {cpu_peak / 1e9:.1f} -> update {upd_flops / cpu['update'] / cpu_peak:.1%}, reference "
-              f"{fwd['total'] / cpu['reference'] / cpu_peak:.1%} of the matmul's")
+        print(f"best observed (fastest update / highest peak measured): {upd_flops / min(times['update']) / 1e9:,.1f}"
+              f" GFLOP/s = MFU {upd_flops / min(times['update']) / max(peaks):.1%}")
     print(f"target update MFU >= {TARGET_MFU:.0%} of the "
           f"{'measured matmul peak' if peak_fn is not None else '--peak_tflops peak'}: {mfu:.1%} -> "
           f"{'PASS' if mfu >= TARGET_MFU else 'MISS'}")
 
     if not args.no_diagnose:
-        diagnose_update(model, graphdef, params, opt_state, tx, batch, gcfg, beta, fwd, update, upd_c, peak,
-                        args, n_cores, pixel_dtype)
+        del state
+        diagnose_update(model, graphdef, holder, fns, holder["batch"], gcfg, fwd, peak,
+                        statistics.median(cpu_peaks) if cpu_peaks else None, args, n_cores)
 
 
 def cpu_costs(fn: Callable[[], Any], iters: int) -> tuple[float, float, float, float]:
@@ -470,20 +524,21 @@ def memory_line(compiled) -> str:
         return "memory analysis unavailable"
 
 
-def diagnose_update(model, graphdef, params, opt_state, tx, batch, gcfg: GRPOConfig, beta, fwd, update_fn, upd_c,
-                    peak: float, args, n_cores: int, dtype) -> None:
+def diagnose_update(model, graphdef, holder, fns: StepFunctions, batch, gcfg: GRPOConfig, fwd, peak: float,
+                    cpu_peak: float | None, args, n_cores: int) -> None:
     """Pieces of the update, each jitted and timed alone (see the module docstring); 'of peak' is against
-    the peak part 2 used."""
+    the peak part 2 used. `holder["state"]` is the run's TrainState (the update piece advances it)."""
     iters = args.diag_iters
     cfg = model.config
     t = cfg.text
+    dtype = jax.tree.leaves(holder["state"].params)[0].dtype
     rows, t_new = batch["completion_mask"].shape
     # the loss pieces run on one micro-batch (all of the batch when micro_batches == 1), as each scan step does
     m = gcfg.micro_batches
     mb_rows, mb_prompts = rows // m, gcfg.patch_segments
     mb_patches = batch["pixel_values"].shape[0] // m
-    mb = {k: batch[k][:mb_rows] for k in ("input_ids", "attention_mask", "completion_mask", "old_logps",
-                                           "ref_logps", "advantages")}
+    mb = {k: batch[k][:mb_rows] for k in ("input_ids", "attention_mask", "completion_mask", "ref_logps",
+                                           "advantages")}
     mb["position_ids"] = batch["position_ids"][:, :mb_rows]
     mb["pixel_values"], mb["patch_pos"] = batch["pixel_values"][:mb_patches], batch["patch_pos"][:mb_patches]
     fwd_mb = forward_flops(cfg, param_counts(model), mb_rows, batch["input_ids"].shape[1], t_new, mb_patches,
@@ -494,31 +549,36 @@ def diagnose_update(model, graphdef, params, opt_state, tx, batch, gcfg: GRPOCon
         mdl = nnx.merge(graphdef, prm)
         lp = completion_logprobs(mdl, mb["input_ids"], mb["attention_mask"], mb["position_ids"],
                                  mb["pixel_values"], mb["patch_pos"], prompt_len=gcfg.prompt_len,
-                                 num_samples=gcfg.num_samples, patch_segments=mb_prompts)
-        s, n, _ = grpo_loss_terms(lp, mb["old_logps"], mb["ref_logps"], mb["advantages"],
-                                  mb["completion_mask"], beta=beta, max_length=t_new)
+                                 num_samples=gcfg.num_samples, patch_segments=mb_prompts,
+                                 logit_chunk=gcfg.logit_chunk)
+        s, n, _ = grpo_loss_terms(lp, None, mb["ref_logps"], mb["advantages"], mb["completion_mask"], beta=BETA,
+                                  max_length=t_new)
         return s / jnp.maximum(n, 1)
+
+    def params():
+        return holder["state"].params
 
     fwd_fn = jax.jit(loss)
     grad_fn = jax.jit(jax.grad(loss))
-    grads = jax.block_until_ready(grad_fn(params))
+    grads = jax.block_until_ready(grad_fn(params()))
 
-    def opt(prm, st, gr):
-        upd, st = tx.update(gr, st, prm)
-        return optax.apply_updates(prm, upd), st
+    def opt(prm, os_, gr):
+        upd, os_ = fns.rl_tx.update(gr, os_, prm)
+        return optax.apply_updates(prm, upd), os_
 
     opt_fn = jax.jit(opt)
-    chain = {"p": jax.tree.map(jnp.copy, params), "s": jax.tree.map(jnp.copy, opt_state)}
-    donated = jax.jit(grpo_update, static_argnames=("graphdef", "tx", "cfg"), donate_argnames=("params", "opt_state")
-                      ).lower(graphdef, chain["p"], chain["s"], batch, beta, tx=tx, cfg=gcfg).compile()
 
-    def donated_step():                      # what a training loop that donates would do: outputs feed the next call
-        chain["p"], chain["s"], m = donated(chain["p"], chain["s"], batch, beta)
-        return jax.block_until_ready((chain["p"], chain["s"], m))
+    def update_step():                       # the loop's call: donated buffers, outputs feed the next call
+        s = holder["state"]
+        prm, os_, met = fns.grpo(s.params, s.opt_state, batch, BETA, gcfg)
+        holder["state"] = s.replace(params=prm, opt_state=os_)
+        return jax.block_until_ready((prm, os_, met))
 
     # LM head + log-softmax gather, forward + backward (gradients to the hidden states and the head weight)
-    w_vh = (params["model"]["embed_tokens"]["embedding"][...] if cfg.tie_word_embeddings
-            else params["lm_head"]["kernel"][...].T)                                     # [V, H]
+    p0 = params()
+    w_vh = (p0["model"]["embed_tokens"]["embedding"][...] if cfg.tie_word_embeddings
+            else p0["lm_head"]["kernel"][...].T)                                     # [V, H]
+    w_vh = jnp.copy(w_vh)                    # its own buffer: the update piece donates the state's
     n_pos = mb_rows * t_new
     hidden = jax.random.normal(jax.random.key(3), (mb_rows, t_new, t.hidden_size), dtype)
     tokens = mb["input_ids"][:, -t_new:]
@@ -537,14 +597,13 @@ def diagnose_update(model, graphdef, params, opt_state, tx, batch, gcfg: GRPOCon
           jax.jit(lambda a, b: jnp.dot(a.T, b))]
 
     pieces: list[tuple[str, Callable[[], Any], float | None]] = [
-        ("update: jitted grpo_update, as timed above", lambda: jax.block_until_ready(update_fn()), 3 * fwd["total"]),
-        ("  same, params + opt_state donated (chained calls)", donated_step, 3 * fwd["total"]),
-        ("forward: completion_logprobs + GRPO loss" + tag, lambda: jax.block_until_ready(fwd_fn(params)),
+        ("update: jitted grpo_update (donated, chained calls)", update_step, 3 * fwd["total"]),
+        ("forward: completion_logprobs + GRPO loss" + tag, lambda: jax.block_until_ready(fwd_fn(params())),
          fwd_mb["total"]),
-        ("forward + backward: jax.grad of the loss" + tag, lambda: jax.block_until_ready(grad_fn(params)),
+        ("forward + backward: jax.grad of the loss" + tag, lambda: jax.block_until_ready(grad_fn(params())),
          3 * fwd_mb["total"]),
-        ("optimizer: clip + adamw + apply_updates", lambda: jax.block_until_ready(opt_fn(params, opt_state, grads)),
-         None),
+        ("optimizer: clip + adamw + apply_updates",
+         lambda: jax.block_until_ready(opt_fn(params(), holder["state"].opt_state, grads)), None),
         ("LM head + log-softmax gather, fwd + bwd" + tag, lambda: jax.block_until_ready(head_fn(w_vh, hidden)),
          3 * fwd_mb["head"]),
         (f"  logits = h @ E^T    [{n_pos},{t.hidden_size}]x[{t.hidden_size},{t.vocab_size}]",
@@ -556,8 +615,9 @@ def diagnose_update(model, graphdef, params, opt_state, tx, batch, gcfg: GRPOCon
         (f"embedding gather backward (scatter-add, [{t.vocab_size},{t.hidden_size}])",
          lambda: jax.block_until_ready(gather_bwd(w_vh)), None),
     ]
-    n_params = sum(x.size for x in jax.tree.leaves(params))
-    itemsize = jnp.dtype(jax.tree.leaves(params)[0].dtype).itemsize
+    n_params = sum(x.size for x in jax.tree.leaves(p0))
+    itemsize = jnp.dtype(dtype).itemsize
+    del p0
     # clip (read g for the norm; read g, write scaled g) + adamw (read g, mu, nu, p; write mu, nu, p) ~ 10 passes
     opt_bytes = n_params * itemsize * 10
     bandwidth = max(measure_bandwidth(256 << 20).values())
@@ -595,7 +655,9 @@ def diagnose_update(model, graphdef, params, opt_state, tx, batch, gcfg: GRPOCon
     print(f"  fwd+bwd {1e3 * fb[0]:.0f} ms{f' x {m}' if m > 1 else ''} + optimizer {1e3 * opt_s:.0f} ms = "
           f"{1e3 * (m * fb[0] + opt_s):.0f} ms vs the "
           f"update's {1e3 * upd_s:.0f} ms; update CPU time {upd[1]:.2f} s per call, {upd[2]:.2f} s of it in the kernel")
-    print(f"  update executable: {memory_line(upd_c)}; donated: {memory_line(donated)}")
+    if cpu_peak:
+        print(f"  per CPU-second of this process (load-robust cross-check): update {3 * fwd['total'] / upd[1] / 1e9:.1f}"
+              f" GFLOP, matmul {cpu_peak / 1e9:.1f} -> {3 * fwd['total'] / upd[1] / cpu_peak:.1%} of the matmul's")
     if jax.devices()[0].platform == "cpu":
         print(f"  the update's {upd[3] / 1e3:.0f}k minor page faults per call = ~{upd[3] * 4096 / 1e9:.2f} GB of freshly"
               " mapped 4 KiB pages first touched per call (new output + temporary buffers every call)")
@@ -604,7 +666,93 @@ def diagnose_update(model, graphdef, params, opt_state, tx, batch, gcfg: GRPOCon
         print("  " + line)
 
 
-# ------------------------------------------------------------------------------------------ part 3: SFT
+# ------------------------------------------------------------------------------------------ part 3: memory
+COMPARE_VARIANTS = (  # (label, logit_chunk or None for --compare_chunk, remat)
+    ("baseline: logit_chunk 0, remat none", 0, "none"),
+    ("logit_chunk {chunk}", None, "none"),
+    ("remat full", 0, "full"),
+    ("remat dots", 0, "dots"),
+    ("logit_chunk {chunk} + remat full", None, "full"),
+)
+
+
+def compare_memory(model: Qwen2VL, args, n_cores: int) -> None:
+    """Part 3: the GRPO update's per-device memory (``memory_analysis``) and warm time under LM-head chunking
+    and remat policies, against the unchunked, non-rematerialised baseline (module docstring)."""
+    cfg = model.config
+    g, t_new, bucket = args.num_samples, args.completion_len, args.prompt_bucket
+    if args.rows % g:
+        raise SystemExit(f"--rows {args.rows} must be a multiple of --num_samples {g}")
+    n_prompts = args.rows // g
+    mesh = shd.make_mesh({"data": 1, "fsdp": -1, "tensor": 1})
+    prompts = build_prompts(cfg, n_prompts, bucket, args.image_size, seed=1)
+    batch = st.put_batch(synthetic_rollout(cfg, prompts, g, t_new), mesh)
+    c = get_config()
+    tx = make_optimizer(LR, c)
+    remat0 = model.remat
+    state = new_state(model, tx, mesh, keep_ref=False)
+    shardings = st.state_shardings(state, mesh)
+    beta = jax.device_put(jnp.float32(BETA), st.replicated(mesh))
+    # reference and sampler log-probs = the model's own (KL ~ 0, ratio 1, finite loss: random tokens sit ~100
+    # nats below a random model's peaked distributions, so made-up log-probs would overflow k3's exp)
+    lp_cfg = GRPOConfig(num_samples=g, prompt_len=bucket, patch_segments=n_prompts, logit_chunk=args.compare_chunk)
+    logps = st.jit_token_logprobs(nnx.split(model)[0], mesh, shardings.params, batch, cfg=lp_cfg)(state.params, batch)
+    batch = dict(batch, ref_logps=logps, sampler_logps=logps)
+    holder = {"p": state.params, "s": state.opt_state}
+    del state
+    vocab = cfg.text.vocab_size
+    logits_gb = args.rows * t_new * vocab * 4 / 1e9
+    print(f"GRPO update memory / speed: {args.rows} rows ({n_prompts} prompt(s) x G={g}) x ({bucket} prompt + {t_new} "
+          f"completion tokens), one {args.image_size}x{args.image_size} image per prompt, KL on, 1 micro-batch; "
+          f"fp32 logits of all completion positions = {args.rows} x {t_new} x {vocab:,} x 4 B = {logits_gb:.2f} GB")
+    results = []
+    for label, chunk, remat in COMPARE_VARIANTS:
+        chunk = args.compare_chunk if chunk is None else chunk
+        label = label.format(chunk=chunk)
+        model.set_remat(remat)
+        gcfg = GRPOConfig(num_samples=g, prompt_len=bucket, patch_segments=n_prompts, logit_chunk=chunk)
+        jitted = st.jit_grpo_update(nnx.split(model)[0], mesh, shardings, batch, tx=tx, cfg=gcfg)
+        t0 = time.perf_counter()
+        compiled = jitted.lower(holder["p"], holder["s"], batch, beta).compile()
+        compile_s = time.perf_counter() - t0
+        mem = memory_bytes(compiled)
+
+        def call():
+            holder["p"], holder["s"], met = compiled(holder["p"], holder["s"], batch, beta)
+            return jax.block_until_ready(met)
+
+        met = call()                         # warm-up (first touch of the buffers)
+        settle(args, n_cores)
+        load = OtherLoad()
+        times = timed(call, args.compare_iters, load)
+        results.append((label, statistics.median(times), min(times), mem, compile_s, float(met["loss"]), load))
+        print(f"  {label}: median {statistics.median(times):.2f}s, compile {compile_s:.1f}s", flush=True)
+    model.set_remat(remat0)
+
+    base_s, base_mem = results[0][1], results[0][3]
+    gb = 1e9
+    print()
+    print(f"{'GRPO update variant':<36} {'median s':>9} {'min s':>7} {'vs base':>8} {'args GB':>8} {'out GB':>7} "
+          f"{'alias GB':>9} {'temp GB':>8} {'total GB':>9} {'temp vs base':>13} {'compile s':>10}")
+    print("-" * 131)
+    for label, med, mn, mem, comp, _, _ in results:
+        if mem:
+            m = (f"{mem['args'] / gb:>8.2f} {mem['out'] / gb:>7.2f} {mem['alias'] / gb:>9.2f} {mem['temp'] / gb:>8.2f} "
+                 f"{mem['total'] / gb:>9.2f} {mem['temp'] / base_mem['temp'] - 1 if base_mem else 0:>+13.0%}")
+        else:
+            m = f"{'memory analysis unavailable':>58}"
+        print(f"{label:<36} {med:>9.2f} {mn:>7.2f} {med / base_s - 1:>+8.0%} {m} {comp:>10.1f}")
+    print("-" * 131)
+    print(f"median of {args.compare_iters} warm call(s) after one warm-up, each variant's updates chained on one state "
+          f"(params + opt_state donated: 'alias'); per-device memory_analysis of the compiled update; total = args + "
+          f"out - alias + temp. Warm-up losses (beta x KL to the starting weights, growing as the chained updates move "
+          f"away from them): " + ", ".join(f"{r[5]:.4f}" for r in results))
+    line = load_line({r[0].split(':')[0]: r[6] for r in results}, n_cores)
+    if line:
+        print(line)
+
+
+# ------------------------------------------------------------------------------------------ part 4: SFT
 def build_sft_rows(cfg: Qwen2VLConfig, n_rows: int, seq_len: int, grid, ragged: bool):
     t, h, w = grid
     n_image = t * h * w // cfg.vision.spatial_merge_size**2
@@ -629,13 +777,16 @@ def run_sft(hf_model, model: Qwen2VL, args, n_cores: int) -> None:
     segments = extra.patch_segments
     if not isinstance(segments, int):
         raise SystemExit("expected equal-size images (static patch_segments)")
+    chunk = args.logit_chunk
     print(f"SFT workload: {len(rows)} rows x {ids.shape[1]} tokens ({int(mask.sum())} real, {n_targets} targets), one "
-          f"{args.image_size}x{args.image_size} image each ({pv.shape[0]} patches)")
+          f"{args.image_size}x{args.image_size} image each ({pv.shape[0]} patches); mr1jax logit_chunk {chunk}, remat "
+          f"{model.remat}")
 
+    # ---- forward + backward
     graphdef, params = nnx.split(model)
 
     def mean_ce(prm, ids, mask, pos, lmask, pv, pp):
-        s, n = sft_loss_terms(nnx.merge(graphdef, prm), ids, mask, pos, lmask, pv, pp, segments)
+        s, n = sft_loss_terms(nnx.merge(graphdef, prm), ids, mask, pos, lmask, pv, pp, segments, chunk)
         return s / jnp.maximum(n, 1)
 
     jargs = [jax.device_put(x) for x in (ids, mask, extra.position_ids, loss_mask, pv, extra.patch_pos)]
@@ -669,39 +820,89 @@ def run_sft(hf_model, model: Qwen2VL, args, n_cores: int) -> None:
         torch_gnorm = float(torch.sqrt(sum((q.grad.double() ** 2).sum() for q in torch_params if q.grad is not None)))
     run_torch()                                        # warm-up 2
 
-    jt, tt = [], []
-    jl, tl = OtherLoad(), OtherLoad()
-    for n in split_iters(args.sft_iters, args.rounds):
+    # ---- the optimizer step: mr1jax's jitted, donating SFT step vs torch + clip + AdamW (same hyper-parameters)
+    c = get_config()
+    tx = make_optimizer(LR, c)
+    mesh = shd.make_mesh(dict(c.mesh))
+    state = new_state(model, tx, mesh, keep_ref=False)
+    sbatch = st.put_batch(dict(input_ids=ids.astype(np.int32), attention_mask=mask.astype(np.int32),
+                               loss_mask=loss_mask.astype(np.int32), position_ids=np.asarray(extra.position_ids, np.int32),
+                               pixel_values=np.asarray(pv, np.float32),
+                               patch_pos=np.asarray(extra.patch_pos, np.int32)), mesh)
+    scfg = SFTConfig(micro_batches=1, patch_segments=segments, logit_chunk=chunk)
+    t0 = time.perf_counter()
+    sft_c = st.jit_sft_update(graphdef, mesh, st.state_shardings(state, mesh), sbatch, tx=tx, cfg=scfg).lower(
+        state.params, state.opt_state, sbatch).compile()
+    step_compile_s = time.perf_counter() - t0
+    holder = {"p": state.params, "s": state.opt_state}
+    del state
+
+    def jax_step():
+        holder["p"], holder["s"], met = sft_c(holder["p"], holder["s"], sbatch)
+        return jax.block_until_ready(met)
+
+    jax_step_loss = float(jax_step()["loss"])
+    jax_step()
+    hf_step_model = hf_model                            # the torch side steps its own weights after the fwd+bwd runs
+    opt = torch.optim.AdamW(hf_step_model.parameters(), lr=LR, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
+
+    def torch_step():
+        opt.zero_grad(set_to_none=True)
+        loss = hf_step_model(**tkw, labels=labels).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(hf_step_model.parameters(), c.optim.grad_clip)
+        opt.step()
+        return loss
+
+    jt, tt, js, ts = [], [], [], []
+    jl, tl, jsl, tsl = OtherLoad(), OtherLoad(), OtherLoad(), OtherLoad()
+    for n in split_iters(args.sft_iters, args.rounds):   # fwd + bwd first: the torch steps change its weights
         settle(args, n_cores)
         jt += timed(run_jax, n, jl)
         tt += timed(run_torch, n, tl)
+    torch_step_loss = float(torch_step().detach())      # warm-ups of the torch step (first: same weights)
+    torch_step()
+    for n in split_iters(args.sft_iters, args.rounds):
+        settle(args, n_cores)
+        js += timed(jax_step, n, jsl)
+        ts += timed(torch_step, n, tsl)
     hf_model.zero_grad(set_to_none=True)
-    jax_ms, torch_ms = 1e3 * statistics.median(jt), 1e3 * statistics.median(tt)
-    speedup = torch_ms / jax_ms
+
     fl = 3 * forward_flops(cfg, param_counts(model), len(rows), ids.shape[1], ids.shape[1] - 1, pv.shape[0],
                            len(rows))["total"]
+    med = {k: 1e3 * statistics.median(v) for k, v in (("jt", jt), ("tt", tt), ("js", js), ("ts", ts))}
+    speedup, step_speedup = med["tt"] / med["jt"], med["ts"] / med["js"]
     print()
-    print(f"{'SFT forward + backward (fp32)':<46} {'median ms':>10} {'min ms':>9} {'GFLOP/s':>9} {'loss':>12}")
-    print("-" * 90)
-    print(f"{'mr1jax jit value_and_grad(sft_loss_terms)':<46} {jax_ms:>10.1f} {min(jt) * 1e3:>9.1f} "
-          f"{fl / jax_ms / 1e6:>9.1f} {jax_loss:>12.6f}")
-    print(f"{'torch eager loss.backward()':<46} {torch_ms:>10.1f} {min(tt) * 1e3:>9.1f} "
-          f"{fl / torch_ms / 1e6:>9.1f} {torch_loss:>12.6f}")
-    print("-" * 90)
-    print(f"speed-up torch/mr1jax: {speedup:.2f}x  (target >= {TARGET_SFT_SPEEDUP}x: "
-          f"{'PASS' if speedup >= TARGET_SFT_SPEEDUP else 'MISS'})")
+    print(f"{'SFT (fp32)':<52} {'median ms':>10} {'min ms':>9} {'GFLOP/s':>9} {'loss':>12}")
+    print("-" * 96)
+    for label, k, v, loss in (("fwd+bwd  mr1jax jit value_and_grad(sft_loss_terms)", "jt", jt, jax_loss),
+                              ("fwd+bwd  torch eager loss.backward()", "tt", tt, torch_loss),
+                              ("step     mr1jax steps.jit_sft_update (donated)", "js", js, jax_step_loss),
+                              ("step     torch backward + clip_grad_norm_ + AdamW", "ts", ts, torch_step_loss)):
+        print(f"{label:<52} {med[k]:>10.1f} {min(v) * 1e3:>9.1f} {fl / med[k] / 1e6:>9.1f} {loss:>12.6f}")
+    print("-" * 96)
+    print(f"speed-up torch/mr1jax: forward + backward {speedup:.2f}x (target >= {TARGET_SFT_SPEEDUP}x: "
+          f"{'PASS' if speedup >= TARGET_SFT_SPEEDUP else 'MISS'}); optimizer step {step_speedup:.2f}x")
     print(f"loss parity: |mr1jax - torch| = {abs(jax_loss - torch_loss):.3e} (relative "
-          f"{abs(jax_loss - torch_loss) / abs(torch_loss):.1e}); global grad norm mr1jax {jax_gnorm:.6g} vs torch "
-          f"{torch_gnorm:.6g} (relative difference {abs(jax_gnorm - torch_gnorm) / torch_gnorm:.1e})")
+          f"{abs(jax_loss - torch_loss) / abs(torch_loss):.1e}), first step's loss {abs(jax_step_loss - torch_step_loss):.1e};"
+          f" global grad norm mr1jax {jax_gnorm:.6g} vs torch {torch_gnorm:.6g} (relative difference "
+          f"{abs(jax_gnorm - torch_gnorm) / torch_gnorm:.1e})")
     print(f"FLOPs per step = 3 x forward = {fl / 1e9:.1f} GFLOP (LM head on all {ids.shape[1] - 1} positions); "
-          f"mr1jax compile (lower + compile) {compile_s:.1f}s, first call {first_s * 1e3:.0f} ms; "
-          f"{args.sft_iters} timed runs each in {len(split_iters(args.sft_iters, args.rounds))} alternating round(s)")
-    line = load_line({"mr1jax": jl, "torch": tl}, n_cores)
+          f"mr1jax compile (lower + compile) {compile_s:.1f}s fwd+bwd, {step_compile_s:.1f}s step; first call "
+          f"{first_s * 1e3:.0f} ms; {args.sft_iters} timed runs each in {len(split_iters(args.sft_iters, args.rounds))} "
+          "alternating round(s)")
+    line = load_line({"mr1jax": jl, "torch": tl, "mr1jax step": jsl, "torch step": tsl}, n_cores)
     if line:
         print(line)
 
 
 # ------------------------------------------------------------------------------------------ modes
+def with_stop_id(model: Qwen2VL, eos_id: int) -> Qwen2VL:
+    """`model` with sampling's default stop ids set to (`eos_id`,) (`rollout_batch` samples with the config's)."""
+    model.config = dataclasses.replace(model.config, eos_token_ids=(eos_id,))
+    return model
+
+
 def run_cpu(args) -> None:
     import torch
     import transformers
@@ -712,23 +913,30 @@ def run_cpu(args) -> None:
     torch.set_num_threads(n_cores)
     cfg = bench_config()
     print(f"jax {jax.__version__} on {jax.devices()[0].platform}; torch {torch.__version__} with {n_cores} threads; "
-          f"transformers {transformers.__version__}; cpu_count {n_cores}")
+          f"transformers {transformers.__version__}; cpu_count {n_cores}; load average "
+          f"{', '.join(f'{x:.2f}' for x in os.getloadavg())}")
     t0 = time.perf_counter()
     hf_model, model = build_reference_pair(cfg, seed=0)
+    model = with_stop_id(shd.shard_model(model, shd.make_mesh({"data": 1, "fsdp": -1, "tensor": 1})), args.eos_id)
     text_p, vision_p, total_p = summarize_params(param_counts(model))
     print(f"built the torch model and loaded the same weights into mr1jax (fp32) in {time.perf_counter() - t0:.1f}s: "
           f"{total_p:,} parameters (text {text_p:,} incl. tied embedding {cfg.text.vocab_size * cfg.text.hidden_size:,};"
           f" vision {vision_p:,})")
-    print()
-    run_grpo(model, args, pixel_dtype=jnp.float32, n_cores=n_cores,
-             peak_fn=lambda: matmul_peak(2048, jnp.float32, iters=10),
-             peak_label="fp32 matmul peak (jitted 2048x2048 jnp.dot, median of 10 runs")
+    if not args.skip_grpo:
+        print()
+        run_grpo(model, args, n_cores=n_cores, peak_fn=lambda: matmul_peak(2048, jnp.float32, iters=10),
+                 peak_label="fp32 matmul peak (jitted 2048x2048 jnp.dot, median of 10 runs")
+    if args.compare_memory:
+        print()
+        compare_memory(model, args, n_cores)
     if not args.skip_sft:
         print()
+        model.set_remat(args.remat)
         run_sft(hf_model, model, args, n_cores)
     print()
     print(f"waited {WAITED[0]:.0f}s in all for quiet windows (--wait_idle {args.wait_idle:g}s per timing block); "
-          f"total run {time.perf_counter() - T_START:.0f}s")
+          f"total run {time.perf_counter() - T_START:.0f}s; load average at the end "
+          f"{', '.join(f'{x:.2f}' for x in os.getloadavg())}")
 
 
 def run_gpu_2b(args, cfg: Qwen2VLConfig | None = None) -> None:
@@ -738,17 +946,27 @@ def run_gpu_2b(args, cfg: Qwen2VLConfig | None = None) -> None:
           "TFLOP/s")
     t0 = time.perf_counter()
     model = build_random_model(cfg, jnp.bfloat16)
+    model = with_stop_id(shd.shard_model(model, shd.make_mesh({"data": 1, "fsdp": -1, "tensor": 1})), args.eos_id)
     text_p, vision_p, total_p = summarize_params(param_counts(model))
     print(f"built random bf16 model in {time.perf_counter() - t0:.1f}s: {total_p:,} parameters (text {text_p:,}, "
           f"vision {vision_p:,})")
     measured = measure_matmul(8192 if dev.platform != "cpu" else 1024, jnp.bfloat16)
-    print()
-    run_grpo(model, args, pixel_dtype=jnp.bfloat16, peak=args.peak_tflops * 1e12,
-             peak_label="--peak_tflops (dense bf16)", n_cores=os.cpu_count() or 1,
-             extra_peak=(measured, "bf16 matmul measured on the device (jitted 8192x8192 jnp.dot)"))
+    n_cores = os.cpu_count() or 1
+    if not args.skip_grpo:
+        print()
+        run_grpo(model, args, peak=args.peak_tflops * 1e12, peak_label="--peak_tflops (dense bf16)", n_cores=n_cores,
+                 extra_peak=(measured, "bf16 matmul measured on the device (jitted 8192x8192 jnp.dot)"))
+    if args.compare_memory:
+        print()
+        compare_memory(model, args, n_cores)
 
 
 # ------------------------------------------------------------------------------------------ main
+QUICK = dict(prompts=1, num_samples=2, prompt_bucket=96, max_new_tokens=8, image_size=56, repeats=1, diag_iters=1,
+             sft_rows=1, sft_len=64, sft_iters=1, rounds=1, rows=2, completion_len=64, compare_chunk=16,
+             compare_iters=1, wait_idle=0.0, logit_chunk=4)
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -763,21 +981,38 @@ def parse_args(argv=None):
                    "(default 224; 448 with --gpu_2b)")
     p.add_argument("--micro_batches", type=int, default=None, help="GRPO gradient-accumulation micro-batches "
                    "(default 1; 4 with --gpu_2b)")
-    p.add_argument("--repeats", type=int, default=3, help="timed warm calls per GRPO phase (alternating rounds)")
+    p.add_argument("--logit_chunk", type=int, default=128, help="LM-head chunk of the GRPO update, reference pass and "
+                   "SFT (config.model.logit_chunk; 0 = all positions at once)")
+    p.add_argument("--remat", default="none", choices=("none", "full", "dots"), help="remat policy of parts 1, 2, 4 "
+                   "(config.model.remat)")
+    p.add_argument("--repeats", type=int, default=3, help="timed warm GRPO steps")
     p.add_argument("--eos_id", type=int, default=UNUSED_EOS_ID, help="rollout stop id (default: one never drawn)")
     p.add_argument("--no_diagnose", action="store_true", help="skip the update diagnostics")
     p.add_argument("--wait_idle", type=float, default=3.0, help="before each timing round, wait up to this many "
                    "seconds for a window where other processes use <= 10%% of the cores (0: never wait)")
     p.add_argument("--diag_iters", type=int, default=3, help="timed calls per diagnostic piece")
-    p.add_argument("--skip_sft", action="store_true", help="skip part 3 (SFT vs torch)")
+    p.add_argument("--skip_grpo", action="store_true", help="skip parts 1-2 (GRPO step split, MFU)")
+    p.add_argument("--compare_memory", action="store_true", help="part 3: update memory / time under logit_chunk "
+                   "and remat against the baseline")
+    p.add_argument("--rows", type=int, default=4, help="part 3: update rows (a multiple of --num_samples)")
+    p.add_argument("--completion_len", type=int, default=512, help="part 3: completion tokens per row")
+    p.add_argument("--compare_chunk", type=int, default=128, help="part 3: the chunked variants' logit_chunk")
+    p.add_argument("--compare_iters", type=int, default=3, help="part 3: timed warm updates per variant")
+    p.add_argument("--skip_sft", action="store_true", help="skip part 4 (SFT vs torch)")
     p.add_argument("--sft_rows", type=int, default=2, help="SFT batch rows")
     p.add_argument("--sft_len", type=int, default=192, help="SFT row length incl. the image's tokens")
-    p.add_argument("--sft_iters", type=int, default=6, help="timed SFT steps per implementation")
-    p.add_argument("--rounds", type=int, default=3, help="alternating timing blocks for the SFT comparison")
+    p.add_argument("--sft_iters", type=int, default=6, help="timed SFT runs per implementation and comparison")
+    p.add_argument("--rounds", type=int, default=3, help="alternating timing blocks for the SFT comparisons")
     p.add_argument("--no_ragged", action="store_true", help="all SFT rows the same length (no padding)")
-    p.add_argument("--gpu_2b", action="store_true", help="2B-shaped model in bf16 on an accelerator (parts 1-2)")
+    p.add_argument("--quick", action="store_true", help="smoke test: tiny sizes for every part (overrides the sizes; "
+                   "implies --compare_memory)")
+    p.add_argument("--gpu_2b", action="store_true", help="2B-shaped model in bf16 on an accelerator (parts 1-3)")
     p.add_argument("--peak_tflops", type=float, default=989.0, help="device peak for --gpu_2b MFU (H100 dense bf16)")
     args = p.parse_args(argv)
+    if args.quick:
+        for k, v in QUICK.items():
+            setattr(args, k, v)
+        args.compare_memory = True
     gpu = args.gpu_2b
     for name, cpu_default, gpu_default in (("prompts", 2, 4), ("num_samples", 4, 8), ("prompt_bucket", 128, 512),
                                            ("max_new_tokens", 32, 256), ("image_size", 224, 448),
