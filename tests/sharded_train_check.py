@@ -63,8 +63,9 @@ def run(name):
                 compile_counts=out["compile_counts"]), params
 
 
-def fsdp_collectives():
-    """Collective ops in the compiled GRPO update on the fsdp8 mesh."""
+def fsdp_collectives(devices=None):
+    """Collective ops in the compiled GRPO update on an 8-device fsdp mesh (abstract model and batch; `devices`:
+    e.g. compile-only TPU devices, default the fake CPU ones)."""
     import optax
     from flax import nnx
 
@@ -72,20 +73,29 @@ def fsdp_collectives():
     from mr1jax.models.qwen2_vl import Qwen2VL, Qwen2VLConfig
     from mr1jax.rl.update import GRPOConfig
 
-    mesh = sharding.make_mesh(MESHES["fsdp8"])
-    cfg = Qwen2VLConfig.tiny(vocab_size=512, hidden_size=64)
-    model = sharding.shard_model(Qwen2VL(cfg, rngs=nnx.Rngs(0)), mesh)
-    graphdef, params = nnx.split(model)
+    mesh = sharding.make_mesh(MESHES["fsdp8"], devices)
+    cfg = Qwen2VLConfig.tiny(vocab_size=1024, hidden_size=256)
+    graphdef, params = nnx.split(nnx.eval_shape(lambda: Qwen2VL(cfg, rngs=nnx.Rngs(0))))
     tx = optax.adamw(1e-3)
-    state = st.init_train_state(params, tx, mesh, keep_ref=False, seed=0)
+    state = st.TrainState(params=params, opt_state=jax.eval_shape(tx.init, params), ref_params=None,
+                          rng=jax.ShapeDtypeStruct((2,), np.uint32))
+    sh = st.state_shardings(state, mesh)
+    params = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), params, sh.params)
     gcfg = GRPOConfig(num_samples=2, prompt_len=32, patch_segments=8)
     spec = st.grpo_batch_spec(cfg, gcfg, 8, 56, 8)
-    fn = st.jit_grpo_update(graphdef, mesh, st.state_shardings(state, mesh), spec, tx=tx, cfg=gcfg)
-    hlo = fn.lower(state.params, state.opt_state, spec, jax.ShapeDtypeStruct((), np.float32)).compile().as_text()
-    return {op: hlo.count(op + "(") + hlo.count(op + "-start(") for op in ("reduce-scatter", "all-gather", "all-reduce")}
+    fn = st.jit_grpo_update(graphdef, mesh, sh, spec, tx=tx, cfg=gcfg)
+    hlo = fn.lower(params, state.opt_state, spec, jax.ShapeDtypeStruct((), np.float32)).compile().as_text()
+    # instructions, plus fusions that perform the op (XLA:TPU fuses reduce-scatter into "all-reduce-scatter")
+    return {op: hlo.count(op + "(") + hlo.count(op + "-start(") + hlo.count(f"calls=%{op}") +
+            hlo.count(f"calls=%all-{op}") for op in ("reduce-scatter", "all-gather", "all-reduce")}
 
 
 if __name__ == "__main__":
+    if sys.argv[1:] == ["tpu"]:                 # compile-only TPU devices (needs jax[tpu]): collectives only
+        from jax.experimental.topologies import get_topology_desc
+
+        print("COLLECTIVES", json.dumps(fsdp_collectives(get_topology_desc("v5e:2x4", "tpu").devices)), flush=True)
+        sys.exit(0)
     names = sys.argv[1:] or list(MESHES)
     base, base_params = run("1dev")
     print("RESULT", json.dumps({"mesh": "1dev", **base}), flush=True)

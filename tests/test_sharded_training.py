@@ -17,8 +17,8 @@ ROOT = Path(__file__).resolve().parents[1]
 LR = 1e-3  # the check's SFT and RL learning rate
 
 
-def _run(*meshes: str) -> tuple[list[dict], dict]:
-    env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu")
+def _run(*meshes: str, platforms: str = "cpu") -> tuple[list[dict], dict]:
+    env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS=platforms, ALLOW_MULTIPLE_LIBTPU_LOAD="1")
     proc = subprocess.run([sys.executable, str(ROOT / "tests" / "sharded_train_check.py"), *meshes], env=env,
                           capture_output=True, text=True, timeout=1200, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -57,3 +57,12 @@ def test_every_mesh_equals_one_device():
     results, _ = _run("fsdp8", "data2_fsdp4", "fsdp4_tensor2")
     assert [r["mesh"] for r in results] == ["1dev", "fsdp8", "data2_fsdp4", "fsdp4_tensor2"]
     _check(results)
+
+
+@pytest.mark.slow
+def test_fsdp_update_reduce_scatters_gradients_on_tpu():
+    """Compiled for a compile-only TPU v5e-8 (needs `pip install "jax[tpu]==0.10.2"`; no TPU): gradients of
+    FSDP-sharded weights are reduce-scattered into their shards, parameters all-gathered."""
+    pytest.importorskip("libtpu")
+    _, collectives = _run("tpu", platforms="")
+    assert collectives["reduce-scatter"] > 0 and collectives["all-gather"] > 0, collectives
