@@ -16,7 +16,8 @@ tied embeddings, text hidden 512 x 4 layers, vision width 512 x 4 blocks) as a r
 (`mr1jax.steps.init_train_state`, fp32 master weights, reference copy in the compute dtype) on a one-device
 (data, fsdp, tensor) mesh, and the explicitly sharded jitted steps of `mr1jax.steps` (``jit_grpo_update``,
 ``jit_token_logprobs``, ``jit_sft_update``; params and opt_state donated) with the optimizer of
-`mr1jax.train.make_optimizers` (clip + AdamW), configured from ``configs/grpo.py`` with the sizes below.
+`mr1jax.train.make_optimizers` (clip + AdamW), configured from ``configs/grpo.py`` with the sizes below
+(``--logit_chunk`` 128, ``--remat`` none and ``--attention_chunk`` 1024 are its defaults).
 The benchmark owns a copy of the weights (donation consumes the state's buffers; the torch comparison keeps
 the originals). It prints four parts:
 
@@ -58,8 +59,8 @@ the originals). It prints four parts:
    -- baseline (``logit_chunk`` 0, remat none), ``logit_chunk`` ``--compare_chunk``, remat full, remat dots,
    chunk + full -- the jitted `jit_grpo_update` is compiled and its per-device ``memory_analysis`` read
    (argument, output, aliased = donated, temporary bytes; total = args + out - alias + temp), then timed:
-   median of ``--compare_iters`` warm calls, each variant's steps chained on the same state. Same run, same
-   baseline.
+   median of ``--compare_iters`` warm calls in rounds over the variants (so a shared machine's load hits them
+   alike), every call chained on the same state. Same run, same baseline.
 
 4. **SFT vs torch**, same weights, same run: ``--sft_rows`` rows of ``--sft_len`` tokens (one image each;
    later rows up to 24 tokens shorter, left-padded, unless ``--no_ragged``). The loss is the mean next-token
@@ -134,7 +135,7 @@ from mr1jax import sharding as shd  # noqa: E402
 from mr1jax import steps as st  # noqa: E402
 from mr1jax.config import make_optimizer  # noqa: E402
 from mr1jax.models.qwen2_vl.config import Qwen2VLConfig  # noqa: E402
-from mr1jax.models.qwen2_vl.model import Qwen2VL, prepare_inputs  # noqa: E402
+from mr1jax.models.qwen2_vl.model import Qwen2VL, prepare_inputs, set_attention_chunk  # noqa: E402
 from mr1jax.rl import group_advantages  # noqa: E402
 from mr1jax.rl.losses import grpo_loss_terms, sequence_logprobs  # noqa: E402
 from mr1jax.rl.ptst import Stage  # noqa: E402
@@ -364,7 +365,7 @@ def run_grpo(model: Qwen2VL, args, *, peak_label: str, n_cores: int,
           f"tokens, one {args.image_size}x{args.image_size} image each: {n_patches // p} patches -> "
           f"{int((ids[0] == cfg.image_token_id).sum())} image tokens), G={g}, {t_new} new tokens -> {rows} rows "
           f"x {seq} tokens; {args.micro_batches} micro-batch(es), logit_chunk {args.logit_chunk}, remat "
-          f"{args.remat}; stop id {args.eos_id}; mesh {dict(mesh.shape)}")
+          f"{args.remat}, attention_chunk {args.attention_chunk}; stop id {args.eos_id}; mesh {dict(mesh.shape)}")
 
     # the trainer's pieces: optimizer, state, jitted steps (StepFunctions), one RL step = rl_step
     model.set_remat(args.remat)
@@ -703,30 +704,35 @@ def compare_memory(model: Qwen2VL, args, n_cores: int) -> None:
     vocab = cfg.text.vocab_size
     logits_gb = args.rows * t_new * vocab * 4 / 1e9
     print(f"GRPO update memory / speed: {args.rows} rows ({n_prompts} prompt(s) x G={g}) x ({bucket} prompt + {t_new} "
-          f"completion tokens), one {args.image_size}x{args.image_size} image per prompt, KL on, 1 micro-batch; "
+          f"completion tokens), one {args.image_size}x{args.image_size} image per prompt, KL on, 1 micro-batch, "
+          f"attention_chunk {model.model.attention_chunk}; "
           f"fp32 logits of all completion positions = {args.rows} x {t_new} x {vocab:,} x 4 B = {logits_gb:.2f} GB")
-    results = []
+    variants = []                            # (label, compiled, memory, compile s, warm-up loss)
     for label, chunk, remat in COMPARE_VARIANTS:
         chunk = args.compare_chunk if chunk is None else chunk
-        label = label.format(chunk=chunk)
         model.set_remat(remat)
         gcfg = GRPOConfig(num_samples=g, prompt_len=bucket, patch_segments=n_prompts, logit_chunk=chunk)
         jitted = st.jit_grpo_update(nnx.split(model)[0], mesh, shardings, batch, tx=tx, cfg=gcfg)
         t0 = time.perf_counter()
         compiled = jitted.lower(holder["p"], holder["s"], batch, beta).compile()
         compile_s = time.perf_counter() - t0
-        mem = memory_bytes(compiled)
+        holder["p"], holder["s"], met = compiled(holder["p"], holder["s"], batch, beta)   # warm-up
+        variants.append((label.format(chunk=chunk), compiled, memory_bytes(compiled), compile_s,
+                         float(jax.block_until_ready(met)["loss"])))
+        print(f"  {variants[-1][0]}: compiled in {compile_s:.1f}s", flush=True)
 
-        def call():
-            holder["p"], holder["s"], met = compiled(holder["p"], holder["s"], batch, beta)
-            return jax.block_until_ready(met)
-
-        met = call()                         # warm-up (first touch of the buffers)
+    times: list[list[float]] = [[] for _ in variants]
+    loads = [OtherLoad() for _ in variants]
+    for _ in range(args.compare_iters):      # rounds over all variants: a shared machine's load hits them alike
         settle(args, n_cores)
-        load = OtherLoad()
-        times = timed(call, args.compare_iters, load)
-        results.append((label, statistics.median(times), min(times), mem, compile_s, float(met["loss"]), load))
-        print(f"  {label}: median {statistics.median(times):.2f}s, compile {compile_s:.1f}s", flush=True)
+        for i, (_, compiled, *_rest) in enumerate(variants):
+            def call(compiled=compiled):
+                holder["p"], holder["s"], met = compiled(holder["p"], holder["s"], batch, beta)
+                return jax.block_until_ready(met)
+
+            times[i] += timed(call, 1, loads[i])
+    results = [(label, statistics.median(t), min(t), mem, comp, loss, load)
+               for (label, _, mem, comp, loss), t, load in zip(variants, times, loads)]
     model.set_remat(remat0)
 
     base_s, base_mem = results[0][1], results[0][3]
@@ -743,8 +749,8 @@ def compare_memory(model: Qwen2VL, args, n_cores: int) -> None:
             m = f"{'memory analysis unavailable':>58}"
         print(f"{label:<36} {med:>9.2f} {mn:>7.2f} {med / base_s - 1:>+8.0%} {m} {comp:>10.1f}")
     print("-" * 131)
-    print(f"median of {args.compare_iters} warm call(s) after one warm-up, each variant's updates chained on one state "
-          f"(params + opt_state donated: 'alias'); per-device memory_analysis of the compiled update; total = args + "
+    print(f"median of {args.compare_iters} warm call(s) after one warm-up, in rounds over the variants, all chained on "
+          f"one state (params + opt_state donated: 'alias'); per-device memory_analysis of the compiled update; total = args + "
           f"out - alias + temp. Warm-up losses (beta x KL to the starting weights, growing as the chained updates move "
           f"away from them): " + ", ".join(f"{r[5]:.4f}" for r in results))
     line = load_line({r[0].split(':')[0]: r[6] for r in results}, n_cores)
@@ -897,9 +903,12 @@ def run_sft(hf_model, model: Qwen2VL, args, n_cores: int) -> None:
 
 
 # ------------------------------------------------------------------------------------------ modes
-def with_stop_id(model: Qwen2VL, eos_id: int) -> Qwen2VL:
-    """`model` with sampling's default stop ids set to (`eos_id`,) (`rollout_batch` samples with the config's)."""
-    model.config = dataclasses.replace(model.config, eos_token_ids=(eos_id,))
+def as_trained(model: Qwen2VL, args) -> Qwen2VL:
+    """`model` on a one-device mesh as `mr1jax.build` sets it up (attention blocks of ``--attention_chunk``
+    queries), with sampling's default stop ids set to (``--eos_id``,) (`rollout_batch` uses the config's)."""
+    model = shd.shard_model(model, shd.make_mesh({"data": 1, "fsdp": -1, "tensor": 1}))
+    model = set_attention_chunk(model, args.attention_chunk)
+    model.config = dataclasses.replace(model.config, eos_token_ids=(args.eos_id,))
     return model
 
 
@@ -917,7 +926,7 @@ def run_cpu(args) -> None:
           f"{', '.join(f'{x:.2f}' for x in os.getloadavg())}")
     t0 = time.perf_counter()
     hf_model, model = build_reference_pair(cfg, seed=0)
-    model = with_stop_id(shd.shard_model(model, shd.make_mesh({"data": 1, "fsdp": -1, "tensor": 1})), args.eos_id)
+    model = as_trained(model, args)
     text_p, vision_p, total_p = summarize_params(param_counts(model))
     print(f"built the torch model and loaded the same weights into mr1jax (fp32) in {time.perf_counter() - t0:.1f}s: "
           f"{total_p:,} parameters (text {text_p:,} incl. tied embedding {cfg.text.vocab_size * cfg.text.hidden_size:,};"
@@ -946,7 +955,7 @@ def run_gpu_2b(args, cfg: Qwen2VLConfig | None = None) -> None:
           "TFLOP/s")
     t0 = time.perf_counter()
     model = build_random_model(cfg, jnp.bfloat16)
-    model = with_stop_id(shd.shard_model(model, shd.make_mesh({"data": 1, "fsdp": -1, "tensor": 1})), args.eos_id)
+    model = as_trained(model, args)
     text_p, vision_p, total_p = summarize_params(param_counts(model))
     print(f"built random bf16 model in {time.perf_counter() - t0:.1f}s: {total_p:,} parameters (text {text_p:,}, "
           f"vision {vision_p:,})")
@@ -985,6 +994,8 @@ def parse_args(argv=None):
                    "SFT (config.model.logit_chunk; 0 = all positions at once)")
     p.add_argument("--remat", default="none", choices=("none", "full", "dots"), help="remat policy of parts 1, 2, 4 "
                    "(config.model.remat)")
+    p.add_argument("--attention_chunk", type=int, default=get_config().model.attention_chunk,
+                   help="queries per attention block in full-sequence passes (config.model.attention_chunk; 0 = all)")
     p.add_argument("--repeats", type=int, default=3, help="timed warm GRPO steps")
     p.add_argument("--eos_id", type=int, default=UNUSED_EOS_ID, help="rollout stop id (default: one never drawn)")
     p.add_argument("--no_diagnose", action="store_true", help="skip the update diagnostics")
