@@ -28,7 +28,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.mode = "sft_then_grpo"    # grpo | sft | sft_then_grpo (Vision-R1: cold-start SFT, then RL)
     c.max_steps = -1            # stop after this many steps of this run without changing any schedule
     c.total_steps = 300         # RL steps: the schedule length (KL V-shape, learning rate)
-    c.log_every = 1
+    c.log_every = 0             # console line every N steps (0 = about 75 lines per run)
 
     c.model = ml_collections.ConfigDict()
     c.model.hf_path = ""        # "" = tiny random model built from c.model.tiny
@@ -86,6 +86,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.optim.warmup_steps = 30   # RL starts with fresh Adam moments: without warmup its first steps undo SFT
     c.optim.weight_decay = 0.0
     c.optim.grad_clip = 1.0
+    c.optim.max_consecutive_skips = 3  # non-finite updates are skipped; this many steps in a row stop the run
+    c.optim.spike_factor = 10.0  # report a loss (SFT) / grad norm above this x its running median (0 = off)
 
     c.sft = ml_collections.ConfigDict()
     c.sft.steps = 800           # cold-start SFT steps (modes sft / sft_then_grpo); total = sft.steps + total_steps

@@ -5,25 +5,51 @@ A checkpoint holds one step's training state pytree (parameters, optimizer state
 and, optionally, the grain iterator state so data order resumes exactly.
 
 Saves are asynchronous and atomic (Orbax writes to a temporary directory and renames it when complete),
-so a crash or kill mid-save never corrupts the last good checkpoint. `PreemptionGuard` turns SIGTERM
+so a crash or kill mid-save never corrupts the last good checkpoint.
+
+Integrity: `save` refuses a state holding NaN / inf (`NonFiniteStateError`: a saved checkpoint is always
+finite, so `max_to_keep` can only ever delete finite ones) and records a fingerprint per array in ``meta``
+(``fingerprints``: two position-weighted wrap-around sums of the array's bits, computed on device; integer sums
+are exact in any order, so they do not depend on the sharding). `restore` recomputes and compares them; an
+unreadable checkpoint or a mismatching array raises `CheckpointCorruptError` naming the array / path, and
+`restore_latest_good` then falls back to the newest good checkpoint, moving the bad ones to
+``<directory>_bad/``. `PreemptionGuard` turns SIGTERM
 (what cloud VMs send before preemption) into a flag the training loop checks between steps: it then saves,
 waits for the write, and exits cleanly.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
+import json
 import os
+import shutil
 import signal
+import socket
+import sys
 import threading
-from typing import Any
+import time
+from typing import Any, Callable
 
 import grain
 import jax
+import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 
 
 class CheckpointMismatchError(ValueError):
     """A checkpoint's arrays do not fit the state being restored (another model or optimizer)."""
+
+
+class CheckpointCorruptError(RuntimeError):
+    """A checkpoint cannot be read, or an array does not match the fingerprint recorded when it was saved."""
+
+
+class NonFiniteStateError(RuntimeError):
+    """The state to save holds NaN or inf values (it is never written)."""
 
 
 def _key_name(key: Any) -> str:
@@ -45,6 +71,51 @@ def _flat_shapes(tree: Any) -> dict[str, tuple[int, ...]]:
     return out
 
 
+def _flat_leaves(tree: Any) -> dict[str, Any]:
+    """'a/b/0/c' -> leaf (arrays or ShapeDtypeStructs), named like `_flat_shapes`."""
+    out = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:       # arrays (inside nnx Variables too)
+        name = "/".join(_key_name(k) for k in path)
+        out[name[:-len("/value")] if name.endswith("/value") else name] = leaf
+    return out
+
+
+def _bits(x: jax.Array) -> jax.Array:
+    """The raw bits of `x` as uint32 (16- and 8-bit types widened; 64-bit types split in two words)."""
+    if x.dtype == jnp.bool_:
+        return x.astype(jnp.uint32)
+    word = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32, 8: jnp.uint32}[x.dtype.itemsize]
+    return jax.lax.bitcast_convert_type(x, word).astype(jnp.uint32)
+
+
+def _leaf_stats(x: jax.Array) -> jax.Array:
+    """uint32[3]: (non-finite count, two position-weighted wrap-around sums of the bits). Integer sums wrap
+    exactly, in any order, so the fingerprint does not depend on how the array is sharded."""
+    b = _bits(x)
+    idx = jnp.zeros(b.shape, jnp.uint32)
+    for d in range(b.ndim):                                   # flat index without a (resharding) reshape
+        idx = idx * jnp.uint32(b.shape[d]) + jax.lax.broadcasted_iota(jnp.uint32, b.shape, d)
+    h1 = jnp.sum(b * (idx * jnp.uint32(2) + jnp.uint32(1)), dtype=jnp.uint32)
+    rot = (b << jnp.uint32(13)) | (b >> jnp.uint32(19))
+    h2 = jnp.sum(rot ^ (idx * jnp.uint32(0x9E3779B1)), dtype=jnp.uint32)
+    bad = jnp.sum(~jnp.isfinite(x), dtype=jnp.uint32) if jnp.issubdtype(x.dtype, jnp.inexact) else jnp.uint32(0)
+    return jnp.stack([bad, h1, h2])
+
+
+@jax.jit
+def _stats_of(leaves: list[jax.Array]) -> list[jax.Array]:
+    return [_leaf_stats(x) for x in leaves]
+
+
+def array_stats(tree: Any) -> dict[str, tuple[int, list[int], str]]:
+    """{array name: (non-finite values, fingerprint [h1, h2], dtype)} for every array leaf of `tree`, computed on
+    device in one jitted pass (only 3 numbers per array come back to the host)."""
+    flat = {k: v for k, v in _flat_leaves(tree).items() if isinstance(v, jax.Array) or isinstance(v, np.ndarray)}
+    names = list(flat)
+    stats = jax.device_get(_stats_of([jnp.asarray(flat[k]) for k in names]))
+    return {k: (int(s[0]), [int(s[1]), int(s[2])], str(flat[k].dtype)) for k, s in zip(names, stats)}
+
+
 class Checkpointer:
     """Thin wrapper over `ocp.CheckpointManager` for (state, meta, data iterator) checkpoints.
 
@@ -56,6 +127,7 @@ class Checkpointer:
 
     def __init__(self, directory: str | os.PathLike, *, max_to_keep: int = 3, async_save: bool = True):
         self.directory = os.path.abspath(os.fspath(directory))
+        self.bad_directory = self.directory.rstrip("/") + "_bad"
         options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
                                                enable_async_checkpointing=async_save)
         self.manager = ocp.CheckpointManager(
@@ -71,8 +143,17 @@ class Checkpointer:
 
     def save(self, step: int, state: Any, meta: dict[str, Any] | None = None, data_iterator: Any = None,
              *, force: bool = True) -> bool:
-        """Save `state` (a pytree of arrays) as checkpoint `step`. Returns whether a save started."""
-        items = {"state": ocp.args.StandardSave(state), "meta": ocp.args.JsonSave(dict(meta or {}))}
+        """Save `state` (a pytree of arrays) as checkpoint `step`, with a fingerprint per array in its meta.
+        Returns whether a save started. Raises NonFiniteStateError (writing nothing) when any floating-point
+        array holds NaN or inf."""
+        stats = array_stats(state)
+        bad = [f"{k} ({n} values)" for k, (n, _, _) in stats.items() if n]
+        if bad:
+            raise NonFiniteStateError(
+                f"refusing to save checkpoint step {step} in {self.directory}: {len(bad)} of {len(stats)} arrays hold "
+                f"NaN / inf: " + "; ".join(bad[:10]) + (f"; ... {len(bad) - 10} more" if len(bad) > 10 else ""))
+        meta = dict(meta or {}, fingerprints={k: [*fp, dt] for k, (_, fp, dt) in stats.items()})
+        items = {"state": ocp.args.StandardSave(state), "meta": ocp.args.JsonSave(meta)}
         if data_iterator is not None:
             items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
         return self.manager.save(step, args=ocp.args.Composite(**items), force=force)
@@ -83,7 +164,9 @@ class Checkpointer:
 
         `abstract_state` may hold arrays or `jax.ShapeDtypeStruct`s (with shardings, to restore straight onto
         a mesh). When `data_iterator` is given its position is restored in place.
-        Raises CheckpointMismatchError naming every array whose shape differs or that is missing/unexpected.
+        Raises CheckpointMismatchError naming every array whose shape differs or that is missing/unexpected,
+        CheckpointCorruptError when the checkpoint cannot be read or an array differs from its fingerprint.
+        The returned meta has no ``fingerprints``.
         """
         step = self.latest_step() if step is None else step
         if step is None:
@@ -91,13 +174,94 @@ class Checkpointer:
         if step not in self.all_steps():
             raise FileNotFoundError(f"no checkpoint for step {step} in {self.directory}; available steps: "
                                     f"{self.all_steps()}")
+        meta = self.read_meta(step)
         self._check_compatible(step, abstract_state)
         target = jax.tree.map(ocp.utils.to_shape_dtype_struct, abstract_state)
-        items = {"state": ocp.args.StandardRestore(target), "meta": ocp.args.JsonRestore()}
+        items = {"state": ocp.args.StandardRestore(target)}
         if data_iterator is not None:
             items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
-        restored = self.manager.restore(step, args=ocp.args.Composite(**items))
-        return restored["state"], dict(restored["meta"] or {})
+        with self._reading(step, "state"):
+            restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+        self._verify(step, restored["state"], meta)
+        meta.pop("fingerprints", None)
+        return restored["state"], meta
+
+    def restore_latest_good(self, abstract_state: Callable[[int], Any], data_iterator: Any = None,
+                            warn: Callable[[str], None] = print) -> tuple[int, Any, dict[str, Any]] | None:
+        """`restore` the newest checkpoint that reads back intact; None when there is none at all.
+
+        abstract_state(step): the target tree for that step. A corrupt checkpoint (`CheckpointCorruptError`) is
+        reported through `warn` and the next older one tried; once a good one is found, the bad newer ones are
+        moved to `bad_directory` (so the run can save those steps again). Raises CheckpointCorruptError naming
+        every checkpoint when none is good (moving nothing)."""
+        bad: list[tuple[int, CheckpointCorruptError]] = []
+        for step in sorted(self.all_steps(), reverse=True):
+            try:
+                state, meta = self.restore(step, abstract_state(step), data_iterator)
+            except CheckpointCorruptError as e:
+                warn(f"warning: {e}")
+                bad.append((step, e))
+                continue
+            for b, _ in bad:
+                dest = self.quarantine(b)
+                warn(f"warning: moved the bad checkpoint {os.path.join(self.directory, str(b))} to {dest}")
+            if bad:
+                warn(f"warning: fell back to checkpoint step {step} (newest good one)")
+            return step, state, meta
+        if bad:
+            raise CheckpointCorruptError(f"no usable checkpoint in {self.directory}; every one is bad:\n  "
+                                         + "\n  ".join(str(e) for _, e in bad))
+        return None
+
+    def quarantine(self, step: int) -> str:
+        """Move checkpoint `step` out of the manager's directory (to `bad_directory`); returns where to."""
+        src = os.path.join(self.directory, str(step))
+        dest = os.path.join(self.bad_directory, f"{step}-{time.strftime('%Y%m%d-%H%M%S')}")
+        os.makedirs(self.bad_directory, exist_ok=True)
+        shutil.move(src, dest)
+        self.manager.reload()
+        return dest
+
+    def read_meta(self, step: int) -> dict[str, Any]:
+        """Checkpoint `step`'s meta dict (with ``fingerprints``); CheckpointCorruptError naming the file when it
+        is unreadable."""
+        with self._reading(step, "meta"):
+            restored = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+        meta = restored["meta"]
+        if not isinstance(meta, dict):
+            raise CheckpointCorruptError(f"checkpoint step {step}: {os.path.join(self.directory, str(step), 'meta')} "
+                                         f"holds no JSON object ({type(meta).__name__})")
+        return dict(meta)
+
+    @contextlib.contextmanager
+    def _reading(self, step: int, what: str):
+        """Turns any error while reading item `what` of checkpoint `step` into CheckpointCorruptError naming it."""
+        try:
+            yield
+        except (CheckpointMismatchError, CheckpointCorruptError):
+            raise
+        except Exception as exc:  # noqa: BLE001  (tensorstore / JSON / OS errors of a damaged checkpoint)
+            detail = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
+            raise CheckpointCorruptError(f"checkpoint step {step}: cannot read "
+                                         f"{os.path.join(self.directory, str(step), what)}: {type(exc).__name__}: "
+                                         f"{detail}") from exc
+
+    def _verify(self, step: int, tree: Any, meta: dict[str, Any], prefix: str = "") -> None:
+        """CheckpointCorruptError naming each restored array whose fingerprint differs from the saved one (arrays
+        restored in another dtype, or checkpoints without fingerprints, are not compared)."""
+        saved = meta.get("fingerprints")
+        if not saved:
+            return
+        bad = []
+        for name, (nonfinite, fp, dtype) in array_stats(tree).items():
+            want = saved.get(prefix + name)
+            if want is not None and want[2] == dtype and (list(want[:2]) != fp or nonfinite):
+                bad.append(prefix + name)
+        if bad:
+            raise CheckpointCorruptError(
+                f"checkpoint step {step}: {len(bad)} array(s) in {os.path.join(self.directory, str(step), 'state')} "
+                f"do not match the fingerprints recorded at save (corrupted on disk?): " + "; ".join(bad[:10])
+                + (f"; ... {len(bad) - 10} more" if len(bad) > 10 else ""))
 
     def restore_params(self, step: int | None, params: Any) -> Any:
         """Only the `params` subtree of checkpoint `step` (no optimizer state or reference copy), restored onto
@@ -106,19 +270,25 @@ class Checkpointer:
         if step not in self.all_steps():
             raise FileNotFoundError(f"no checkpoint for step {step} in {self.directory}; available steps: "
                                     f"{self.all_steps()}")
+        meta = self.read_meta(step)
         self._check_compatible(step, {"params": params}, subtree="params")
         target = {"params": jax.tree.map(ocp.utils.to_shape_dtype_struct, params)}
-        with ocp.PyTreeCheckpointer() as reader:
+        with ocp.PyTreeCheckpointer() as reader, self._reading(step, "state"):
             restored = reader.restore(os.path.join(self.directory, str(step), "state"), args=ocp.args.PyTreeRestore(
                 item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
                 partial_restore=True))
+        self._verify(step, restored, meta)
         return restored["params"]
 
     def _check_compatible(self, step: int, abstract_state: Any, subtree: str | None = None) -> None:
-        saved_meta = self.manager.item_metadata(step)["state"]
-        if subtree is not None:
-            saved_meta = {subtree: saved_meta[subtree]}
-        saved = _flat_shapes(saved_meta)
+        with self._reading(step, "state"):
+            saved_meta = self.manager.item_metadata(step)["state"]
+            if subtree is not None:
+                saved_meta = {subtree: saved_meta[subtree]}
+            saved = _flat_shapes(saved_meta)
+        if not saved:
+            raise CheckpointCorruptError(f"checkpoint step {step}: {os.path.join(self.directory, str(step), 'state')} "
+                                         "lists no arrays (its _METADATA is missing or broken)")
         want = _flat_shapes(abstract_state)
         missing = sorted(set(want) - set(saved))
         unexpected = sorted(set(saved) - set(want))
@@ -140,6 +310,64 @@ class Checkpointer:
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
+
+
+class WorkdirLockedError(RuntimeError):
+    """Another live run holds the work dir's lock."""
+
+
+class WorkdirLock:
+    """One run per work dir: an exclusive `fcntl.flock` on `<workdir>/run.lock`, holding the holder's host, pid,
+    start time and command line.
+
+    The kernel drops the lock when the holding process exits in any way (exception, SIGTERM, SIGKILL), so a
+    lock left by a dead run is never stale: the file stays, its lock does not. `acquire` raises
+    WorkdirLockedError naming the holder when a live process has it. (flock on a network file system is only
+    as good as that file system's lock support.)"""
+
+    def __init__(self, workdir: str | os.PathLike):
+        self.path = os.path.join(os.fspath(workdir), "run.lock")
+        self._fd: int | None = None
+
+    def acquire(self) -> "WorkdirLock":
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            os.close(fd)
+            if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise
+            raise WorkdirLockedError(f"{os.path.dirname(self.path)} is in use by another run: {self.holder()} "
+                                     f"(lock {self.path}); wait for it to finish, stop it, or use another "
+                                     "--workdir") from None
+        info = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                "argv": " ".join(sys.argv)}
+        os.ftruncate(fd, 0)
+        os.write(fd, (json.dumps(info) + "\n").encode())
+        self._fd = fd
+        return self
+
+    def holder(self) -> str:
+        """The lock file's holder as text ("pid 123 on host, started ...")."""
+        try:
+            with open(self.path) as f:
+                h = json.loads(f.read() or "{}")
+            return f"pid {h.get('pid')} on {h.get('host')}, started {h.get('started')} ({h.get('argv', '')})"
+        except (OSError, ValueError):
+            return "a process that has not yet written its name"
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.ftruncate(self._fd, 0)
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
+
+    def __enter__(self) -> "WorkdirLock":
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
 
 
 class PreemptionGuard:

@@ -9,6 +9,8 @@ modes are this module's (`MODES`).
 
 from __future__ import annotations
 
+import difflib
+import json
 from typing import Any
 
 import ml_collections
@@ -43,7 +45,12 @@ CHOICES = {
 }
 POSITIVE = ("total_steps", "data.batch_size", "data.prompt_bucket", "data.image_size", "rollout.num_samples",
             "rollout.max_new_tokens", "rl.updates_per_batch", "rl.minibatches", "rl.micro_batches", "sft.micro_batches", "checkpoint.every_steps",
-            "checkpoint.max_to_keep", "log_every")
+            "checkpoint.max_to_keep", "optim.max_consecutive_skips")
+POSITIVE_REAL = ("optim.learning_rate", "sft.learning_rate", "rl.reward_timeout_s")
+FRACTIONS = ("rl.warmup_fraction", "sft.warmup_fraction", "sft.annotator_miss_rate")
+#: Fields a rerun in an existing work dir must keep: they fix the checkpoint's arrays and the data shapes.
+RUN_DIR_FIELDS = ("mode", "sft.steps", "model.hf_path", "model.tiny", "model.param_dtype", "model.dtype",
+                  "data.task", "data.train_files", "data.image_size", "data.prompt_bucket", "data.batch_size")
 
 
 def _get(c: ml_collections.ConfigDict, dotted: str) -> Any:
@@ -52,8 +59,87 @@ def _get(c: ml_collections.ConfigDict, dotted: str) -> Any:
     return c
 
 
-def validate_config(c: ml_collections.ConfigDict) -> list[Stage]:
-    """Check every field before anything is built or compiled; returns the rollout stages."""
+def _flat_fields(c: Any, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in (c.items() if hasattr(c, "items") else []):
+        if isinstance(v, (ml_collections.ConfigDict, dict)):
+            out.update(_flat_fields(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def reference_config() -> ml_collections.ConfigDict | None:
+    """The embedded default config (`configs/grpo.py`), which every shipped config extends: its fields are the
+    valid ones. None when `configs` is not importable."""
+    try:
+        from configs.grpo import get_config
+    except ImportError:
+        return None
+    return get_config()
+
+
+def unknown_fields(c: ml_collections.ConfigDict, reference: ml_collections.ConfigDict | None = None) -> list[str]:
+    """'config.x: unknown field (did you mean config.y?)' for every field of `c` the reference does not have."""
+    reference = reference_config() if reference is None else reference
+    if reference is None:
+        return []
+    valid = _flat_fields(reference)
+    groups = {k.rsplit(".", 1)[0] for k in valid if "." in k}
+    out = []
+    for k in _flat_fields(c):
+        if k in valid or any(k.startswith(g + ".") for g in ("model.tiny", "mesh")):  # free-form groups
+            continue
+        close = difflib.get_close_matches(k, list(valid) + sorted(groups), n=1, cutoff=0.6)
+        out.append(f"config.{k}: unknown field" + (f" (did you mean config.{close[0]}?)" if close else ""))
+    return out
+
+
+def unknown_override(c: ml_collections.ConfigDict, key: str) -> str | None:
+    """For a command-line override `--config.<key>=...`: an error naming the field and the closest valid one when
+    `c` has no such field, else None (ml_collections would stop with a traceback while parsing flags)."""
+    node = c
+    for part in key.split("."):
+        if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+            valid = list(_flat_fields(c))
+            close = difflib.get_close_matches(key, valid, n=1, cutoff=0.6)
+            return f"--config.{key}: unknown config field" + (f" (did you mean config.{close[0]}?)" if close else "")
+        node = node[part]
+    return None
+
+
+def log_every(c: ml_collections.ConfigDict) -> int:
+    """Steps between console lines: `config.log_every`, or (0) about 75 lines over the run."""
+    return c.log_every or max(1, sum(phase_steps(c)) // 75)
+
+
+def run_dir_conflicts(c: ml_collections.ConfigDict, saved: dict[str, Any]) -> list[str]:
+    """'config.f: this run X, the dir's run Y' for each `RUN_DIR_FIELDS` field that differs between `c` and the
+    config.json of the run already in a work dir (`saved`)."""
+    mine = json.loads(c.to_json_best_effort())
+    out = []
+    for field in RUN_DIR_FIELDS:
+        a, b = mine, saved
+        for part in field.split("."):
+            a = a.get(part) if isinstance(a, dict) else None
+            b = b.get(part) if isinstance(b, dict) else None
+        if isinstance(a, dict) or isinstance(b, dict):
+            fa, fb = _flat_fields(a or {}), _flat_fields(b or {})
+            out += [f"config.{field}.{k}: this run {fa.get(k)!r}, the dir's run {fb.get(k)!r}"
+                    for k in sorted(set(fa) | set(fb)) if fa.get(k) != fb.get(k)]
+        elif a != b:
+            out.append(f"config.{field}: this run {a!r}, the dir's run {b!r}")
+    return out
+
+
+def validate_config(c: ml_collections.ConfigDict, reference: ml_collections.ConfigDict | None = None) -> list[Stage]:
+    """Check every field before anything is built or compiled; returns the rollout stages.
+
+    reference: the config whose fields are the valid ones (default: `configs/grpo.py`'s); an unknown field is
+    named with the closest valid one."""
+    unknown = unknown_fields(c, reference)
+    if unknown:
+        raise ConfigError("; ".join(unknown))
     for field, allowed in CHOICES.items():
         if _get(c, field) not in allowed:
             raise ConfigError(f"config.{field} = {_get(c, field)!r}; allowed values: {', '.join(allowed)}")
@@ -61,6 +147,19 @@ def validate_config(c: ml_collections.ConfigDict) -> list[Stage]:
         value = _get(c, field)
         if not isinstance(value, int) or value < 1:
             raise ConfigError(f"config.{field} must be a positive integer, got {value!r}")
+    for field in POSITIVE_REAL:
+        value = _get(c, field)
+        if not isinstance(value, (int, float)) or not value > 0:
+            raise ConfigError(f"config.{field} must be > 0, got {value!r}")
+    for field in FRACTIONS:
+        value = _get(c, field)
+        if not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+            raise ConfigError(f"config.{field} is a fraction and must be in [0, 1], got {value!r}")
+    if not isinstance(c.log_every, int) or c.log_every < 0:
+        raise ConfigError(f"config.log_every must be an integer >= 0 (0 = about 75 lines per run), got "
+                          f"{c.log_every!r}")
+    if not c.optim.spike_factor >= 0:
+        raise ConfigError(f"config.optim.spike_factor must be >= 0 (0 = off), got {c.optim.spike_factor!r}")
     if c.mode != "grpo" and c.sft.steps < 1:
         raise ConfigError(f"config.mode = {c.mode!r} needs config.sft.steps >= 1, got {c.sft.steps}")
     if c.data.image_size % 28:
@@ -96,7 +195,15 @@ def validate_config(c: ml_collections.ConfigDict) -> list[Stage]:
         stages = parse_stages(c.rl.ptst_stages) if c.rl.ptst_stages else []
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    return stages or [Stage(c.rollout.max_new_tokens, c.rollout.num_samples, c.total_steps)]
+    stages = stages or [Stage(c.rollout.max_new_tokens, c.rollout.num_samples, c.total_steps)]
+    if c.mode != "sft":                  # GRPO's advantages compare the G samples of a prompt: one is nothing
+        for i, s in enumerate(stages):
+            if s.num_samples < 2:
+                where = (f"config.rl.ptst_stages stage {i + 1} ({c.rl.ptst_stages!r})" if c.rl.ptst_stages
+                         else "config.rollout.num_samples")
+                raise ConfigError(f"{where}: GRPO needs G >= 2 samples per prompt, got {s.num_samples} (with one "
+                                  "sample every advantage is 0 and nothing is learned)")
+    return stages
 
 
 def beta_schedule(c: ml_collections.ConfigDict):

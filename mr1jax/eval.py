@@ -43,6 +43,8 @@ from typing import Any
 import ml_collections
 import numpy as np
 
+os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")  # "PyTorch was not found": torch is not used
+
 __all__ = ["EvalError", "main", "pass_metrics", "restore_params", "run_eval"]
 
 # Used when no run config gives them (an --hf_path outside a run directory).
@@ -482,6 +484,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """
     from absl import logging as absl_logging
 
+    from mr1jax.checkpoint import CheckpointCorruptError
     from mr1jax.checkpoint import CheckpointMismatchError as StateMismatch
     from mr1jax.data.rows import DataError
     from mr1jax.models.qwen2_vl.hf import CheckpointMismatchError as HFMismatch
@@ -491,7 +494,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parser.parse_args(argv)
     try:
         result = run_eval(args)
-    except (EvalError, DataError, StateMismatch, HFMismatch) as e:
+    except (EvalError, DataError, StateMismatch, HFMismatch, CheckpointCorruptError) as e:
         parser.exit(2, f"{parser.prog}: error: {e}\n")
     except FileNotFoundError as e:
         parser.exit(2, f"{parser.prog}: error: {e}\n")

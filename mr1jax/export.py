@@ -11,12 +11,19 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
+
+os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")  # "PyTorch was not found": torch is not used
 
 import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
-from mr1jax.checkpoint import Checkpointer
+from mr1jax.checkpoint import CheckpointCorruptError, Checkpointer, CheckpointMismatchError
+
+
+class ExportError(ValueError):
+    """The work dir holds no run or no checkpoint to export."""
 from mr1jax.models.qwen2_vl.hf import save_pretrained
 
 
@@ -26,11 +33,19 @@ def export_checkpoint(workdir: str, step: int | None = None, out: str | None = N
     from mr1jax import sharding
     from mr1jax.build import build_model
 
-    with open(os.path.join(workdir, "config.json")) as f:
+    path = os.path.join(workdir, "config.json")
+    if not os.path.isfile(path):
+        raise ExportError(f"{path} not found: {workdir!r} is not an mr1jax training run directory")
+    if not os.path.isdir(os.path.join(workdir, "checkpoints")):
+        raise ExportError(f"no checkpoint in {os.path.join(workdir, 'checkpoints')}: nothing to export")
+    with open(path) as f:
         config = ml_collections.ConfigDict(json.load(f))
-    model, tokenizer = build_model(config, sharding.make_mesh({"data": 1, "fsdp": -1, "tensor": 1}))
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), async_save=False)
     step = ckpt.latest_step() if step is None else step
+    if step is None:
+        ckpt.close()
+        raise ExportError(f"no checkpoint in {ckpt.directory}: nothing to export")
+    model, tokenizer = build_model(config, sharding.make_mesh({"data": 1, "fsdp": -1, "tensor": 1}))
     try:
         nnx.update(model, ckpt.restore_params(step, nnx.state(model, nnx.Param)))
     finally:
@@ -48,7 +63,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", default=None)
     parser.add_argument("--dtype", default=None, choices=[None, "float32", "bfloat16"])
     args = parser.parse_args(argv)
-    print(export_checkpoint(args.workdir, args.step, args.out, args.dtype))
+    try:
+        out = export_checkpoint(args.workdir, args.step, args.out, args.dtype)
+    except (ExportError, FileNotFoundError, CheckpointMismatchError, CheckpointCorruptError) as e:
+        print(f"{parser.prog}: error: {e}".replace("\n", " "), file=sys.stderr, flush=True)
+        sys.exit(2)
+    print(out)
 
 
 if __name__ == "__main__":

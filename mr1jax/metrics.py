@@ -25,12 +25,59 @@ def read_before_rl(workdir: str) -> dict[str, dict[str, float]]:
     path = os.path.join(workdir, "metrics.jsonl")
     out: dict[str, dict[str, float]] = {}
     if os.path.exists(path):
-        for line in open(path):
-            for k, v in json.loads(line).items():
+        for row in _rows(path):
+            for k, v in row.items():
                 if k.startswith("before_rl/"):
                     _, task, metric = k.split("/", 2)
                     out.setdefault(task, {})[metric] = v
     return out
+
+
+def _rows(path: str) -> list[dict[str, Any]]:
+    """The JSON objects of a metrics.jsonl, leaving out a line cut short by a kill mid-write."""
+    rows = []
+    with open(path) as f:
+        for line in f:
+            try:
+                row = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(row, dict):
+                rows.append(row)
+    return rows
+
+
+def truncate_metrics(workdir: str, step: int) -> int:
+    """Drop the lines of `<workdir>/metrics.jsonl` logged after `step` (a resume redoes those steps; from step 0
+    every line goes). Returns how many were dropped."""
+    path = os.path.join(workdir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return 0
+    with open(path) as f:
+        lines = f.readlines()
+    keep = []
+    for line in lines:
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if step and isinstance(row, dict) and row.get("step", 0) <= step:
+            keep.append(line if line.endswith("\n") else line + "\n")
+    if len(keep) != len(lines):
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            f.writelines(keep)
+        os.replace(tmp, path)
+    return len(lines) - len(keep)
+
+
+def json_value(v: Any) -> Any:
+    """A metric as JSON: numpy scalars as Python numbers, NaN / inf as null (JSON has no NaN)."""
+    if isinstance(v, (np.floating, np.integer, np.bool_)):
+        v = v.item()
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    return v
 
 
 def log_before_rl(writer: "MetricsWriter", step: int, per_task: dict[str, dict[str, float]], say) -> None:
@@ -75,7 +122,8 @@ class MetricsWriter:
             self.tb = None
 
     def write(self, step: int, metrics: dict[str, float]) -> None:
-        self.file.write(json.dumps({"step": step, **metrics}) + "\n")
+        row = {"step": step, **{k: json_value(v) for k, v in metrics.items()}}
+        self.file.write(json.dumps(row) + "\n")
         self.file.flush()
         if self.tb is not None:
             for k, v in metrics.items():

@@ -14,9 +14,15 @@ stay importable from here.
 
 from __future__ import annotations
 
+import collections
+import json
 import os
+import socket
+import sys
 import time
 from typing import Any
+
+os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")  # "PyTorch was not found": torch is not used
 
 import jax
 import ml_collections
@@ -27,18 +33,29 @@ from flax import nnx
 from mr1jax import sharding
 from mr1jax import steps as st
 from mr1jax.build import build_model, build_rows, model_dtypes
-from mr1jax.checkpoint import Checkpointer, PreemptionGuard
-from mr1jax.config import (ConfigError, beta_schedule, make_optimizer, phase_steps, uses_kl,  # noqa: F401
-                           validate_config)
+from mr1jax.checkpoint import Checkpointer, PreemptionGuard, WorkdirLock
+from mr1jax.config import (ConfigError, beta_schedule, log_every, make_optimizer, phase_steps,  # noqa: F401
+                           run_dir_conflicts, uses_kl, validate_config)
 from mr1jax.data.pipeline import make_rl_dataset
 from mr1jax.data.sft import annotator_trace, sft_examples_for_step
 from mr1jax.evaluation import eval_max_new_tokens, evaluate, evaluate_tasks, sample_completions  # noqa: F401
-from mr1jax.metrics import MetricsWriter, log_before_rl, read_before_rl, recent_step_time, write_summary
+from mr1jax.metrics import (MetricsWriter, log_before_rl, read_before_rl, recent_step_time, truncate_metrics,
+                            write_summary)
 from mr1jax.models.qwen2_vl.hf import save_pretrained
 from mr1jax.plots import plot_curves
 from mr1jax.rl import rewards as rw
 from mr1jax.rl.ptst import is_stage_boundary, stage_at
 from mr1jax.train_steps import StepFunctions, rl_step, sft_step, start_rl, updates_per_rl_step
+
+#: Exit statuses of `python -m mr1jax.train` (README, "Two commands"): 0 finished (or stopped at max_steps),
+#: 1 an unexpected error, 2 a config / work dir problem found before training (bad field, work dir in use
+#: by another run, another model in the dir), 3 training diverged (non-finite updates), 143 (128 + SIGTERM)
+#: preempted: a checkpoint was saved and rerunning the same command resumes.
+EXIT_CONFIG, EXIT_DIVERGED, EXIT_PREEMPTED = 2, 3, 143
+
+
+class TrainingDivergedError(RuntimeError):
+    """`optim.max_consecutive_skips` steps in a row had a non-finite loss or gradient norm."""
 
 
 # ---------------------------------------------------------------------------------------------- setup
@@ -84,37 +101,131 @@ def checkpoint_tree(state: st.TrainState) -> dict[str, Any]:
 
 
 def restore_state(ckpt: Checkpointer, state: st.TrainState, data_iter, *, with_ref_after: int | None,
-                  ref_dtype) -> st.TrainState:
-    """`state` from the latest checkpoint (and the data iterator's position), or unchanged without one.
+                  ref_dtype, warn=print) -> tuple[st.TrainState, dict[str, Any]]:
+    """(`state` from the newest good checkpoint (and the data iterator's position), its meta), or (`state`, {})
+    without one. A corrupt checkpoint is reported through `warn` and the previous one used
+    (`Checkpointer.restore_latest_good`).
 
     with_ref_after: a checkpoint of step >= this holds the reference (the SFT model); None = never saved (the
     reference is the starting model, rebuilt at start).
     """
-    step = ckpt.latest_step()
-    if step is None:
-        return state
-    tree = checkpoint_tree(state)
-    if with_ref_after is not None and step >= with_ref_after and state.ref_params is None:
-        tree["ref_params"] = jax.tree.map(lambda x: jax.ShapeDtypeStruct(
-            x.shape, ref_dtype if jax.numpy.issubdtype(x.dtype, jax.numpy.floating) else x.dtype,
-            sharding=x.sharding), state.params)
-    elif with_ref_after is not None and step < with_ref_after:
-        tree.pop("ref_params", None)
-    restored, meta = ckpt.restore(step, tree, data_iterator=data_iter)
+    def tree_for(step: int) -> dict[str, Any]:
+        tree = checkpoint_tree(state)
+        if with_ref_after is not None and step >= with_ref_after and state.ref_params is None:
+            tree["ref_params"] = jax.tree.map(lambda x: jax.ShapeDtypeStruct(
+                x.shape, ref_dtype if jax.numpy.issubdtype(x.dtype, jax.numpy.floating) else x.dtype,
+                sharding=x.sharding), state.params)
+        elif with_ref_after is not None and step < with_ref_after:
+            tree.pop("ref_params", None)
+        return tree
+
+    found = ckpt.restore_latest_good(tree_for, data_iterator=data_iter, warn=warn)
+    if found is None:
+        return state, {}
+    _, restored, meta = found
     return st.TrainState(params=restored["params"], opt_state=restored["opt_state"],
                          ref_params=restored.get("ref_params", state.ref_params if with_ref_after is None else None),
-                         rng=restored["rng"], step=int(meta["step"]))
+                         rng=restored["rng"], step=int(meta["step"])), meta
+
+
+def check_run_dir(c: ml_collections.ConfigDict, workdir: str) -> None:
+    """ConfigError, before anything in `workdir` is touched, when the run already there has another model or
+    data shape (`mr1jax.config.run_dir_conflicts`)."""
+    path = os.path.join(workdir, "config.json")
+    if not os.path.exists(path):
+        return
+    try:
+        with open(path) as f:
+            saved = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{path} is unreadable ({e}); it describes the run in {workdir}: repair or remove it") \
+            from None
+    conflicts = run_dir_conflicts(c, saved)
+    if conflicts:
+        raise ConfigError(f"{workdir} holds a run with another model / data shape; nothing was changed. Use another "
+                          "--workdir, or the dir's settings:\n  " + "\n  ".join(conflicts))
+
+
+def record_run_start(c: ml_collections.ConfigDict, workdir: str) -> None:
+    """Append this start (time, host, pid, command line, config) to `<workdir>/runs.jsonl`."""
+    entry = {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "host": socket.gethostname(), "pid": os.getpid(),
+             "argv": sys.argv, "config": json.loads(c.to_json_best_effort())}
+    with open(os.path.join(workdir, "runs.jsonl"), "a") as f:
+        f.write(json.dumps(entry) + "\n")
+
+
+def write_config(c: ml_collections.ConfigDict, workdir: str) -> None:
+    """`<workdir>/config.json` (what export / eval rebuild the model from), replaced atomically."""
+    tmp = os.path.join(workdir, f".config.json.{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(c.to_json_best_effort(indent=2))
+    os.replace(tmp, os.path.join(workdir, "config.json"))
+
+
+class StepWatch:
+    """Counts consecutive skipped (non-finite) steps and reports spikes: a value above `factor` x the running
+    median of its last 50 finite values (and above its floor). Watched: the SFT loss and, in both phases, the
+    gradient norm (GRPO's loss is centred on 0, so its spikes show in the gradient norm), with the clipping
+    threshold as floor (smaller norms are noise around a tiny median, larger ones are clipped)."""
+
+    def __init__(self, max_skips: int, factor: float, grad_clip: float = 0.0):
+        self.max_skips, self.factor, self.skips = max_skips, factor, 0
+        self.floor = {"sft_loss": 0.0, "grad_norm": grad_clip}
+        self.history: dict[str, collections.deque] = {}
+
+    def reset(self) -> None:                                 # a new phase: other scales
+        self.history.clear()
+
+    def __call__(self, step: int, metrics: dict[str, Any], say) -> None:
+        if metrics.get("skipped"):
+            self.skips += 1
+            say(f"warning: step {step}: non-finite loss or gradient norm ({_fmt(metrics)}); update skipped, "
+                f"{self.skips} step(s) in a row")
+            if self.skips >= self.max_skips:
+                raise TrainingDivergedError(
+                    f"training diverged: {self.skips} steps in a row (up to step {step}) had a non-finite loss or "
+                    f"gradient norm (config.optim.max_consecutive_skips = {self.max_skips}); their updates were "
+                    "skipped and every saved checkpoint is finite. Lower the learning rate (config.optim."
+                    "learning_rate / config.sft.learning_rate) or config.optim.grad_clip and rerun: it resumes from "
+                    "the newest checkpoint")
+            return
+        self.skips = 0
+        for key in ("sft_loss", "grad_norm"):
+            v = metrics.get(key)
+            if v is None or not np.isfinite(v):
+                continue
+            hist = self.history.setdefault(key, collections.deque(maxlen=50))
+            med = float(np.median(hist)) if len(hist) >= 10 else None
+            if self.factor and med and abs(v) > max(self.factor * med, self.floor[key]):
+                say(f"warning: step {step}: {key} spike {v:.4g} (> {self.factor:g} x running median {med:.4g})")
+            hist.append(abs(v))
+
+
+def _fmt(metrics: dict[str, Any]) -> str:
+    return ", ".join(f"{k} {metrics[k]:.4g}" for k in ("sft_loss", "loss", "grad_norm") if k in metrics)
 
 
 # ---------------------------------------------------------------------------------------------- the loop
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, devices=None) -> dict[str, Any]:
     """Run (or resume) training in `workdir` on `devices` (default: all); returns the final metrics and, under
-    ``compile_counts``, how many times each jitted step compiled."""
-    c = config
-    stages = validate_config(c)
+    ``compile_counts``, how many times each jitted step compiled (``preempted: True`` instead when a SIGTERM
+    stopped it after saving a checkpoint).
+
+    Before anything is built: the config is checked (ConfigError), the work dir locked for this run
+    (`WorkdirLockedError` naming the holder when another run has it; released on any exit) and compared with
+    the run already in it (ConfigError naming the fields when the model / data shapes differ; nothing in the
+    dir is changed). Each start is appended to `<workdir>/runs.jsonl`; `config.json` is written once the
+    checkpoint (if any) restored. Raises TrainingDivergedError after `optim.max_consecutive_skips` non-finite
+    steps in a row."""
+    stages = validate_config(config)
     os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-        f.write(c.to_json_best_effort(indent=2))
+    with WorkdirLock(workdir):
+        check_run_dir(config, workdir)
+        record_run_start(config, workdir)
+        return _train(config, workdir, stages, devices)
+
+
+def _train(c: ml_collections.ConfigDict, workdir: str, stages, devices) -> dict[str, Any]:
     t_start = time.perf_counter()
 
     def say(msg: str) -> None:
@@ -154,11 +265,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, devic
     # ---- checkpoint / resume
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=c.checkpoint.max_to_keep,
                         async_save=c.checkpoint.async_save)
-    state = restore_state(ckpt, state, data_iter, with_ref_after=sft_steps if kl_on and sft_steps else None,
-                          ref_dtype=compute_dtype)
+    state, meta = restore_state(ckpt, state, data_iter, with_ref_after=sft_steps if kl_on and sft_steps else None,
+                                ref_dtype=compute_dtype, warn=say)
     start = state.step
+    elapsed_before = float(meta.get("elapsed_s", 0.0))                 # wall time of the earlier segments
+    elapsed = lambda: elapsed_before + time.perf_counter() - t_start  # noqa: E731
     if start:
         say(f"resumed from step {start} ({ckpt.directory})")
+    truncate_metrics(workdir, start)                  # steps after the checkpoint are redone: drop their lines
+    write_config(c, workdir)
     beta_of = beta_schedule(c)
     policy = lambda: nnx.merge(graphdef, state.params)  # noqa: E731  (the model on the current parameters)
     evaluate_all = lambda stage: evaluate_tasks(policy(), tokenizer, eval_rows, c,  # noqa: E731
@@ -167,15 +282,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, devic
     def save(s: st.TrainState) -> None:
         rl = max(s.step - sft_steps, 0)
         ckpt.save(s.step, checkpoint_tree(s), {"step": s.step, "beta": float(beta_of(rl)),
-                                               "stage": stage_at(stages, rl)[0],
+                                               "stage": stage_at(stages, rl)[0], "elapsed_s": elapsed(),
                                                "phase": "sft" if s.step < sft_steps else "rl"},
-                  data_iterator=data_iter)
+                  data_iterator=data_iter)            # raises NonFiniteStateError (saving nothing) on NaN / inf
 
     # ---- the loop
     writer = MetricsWriter(workdir)
     before_rl, last, step_times = read_before_rl(workdir), {}, []
     end = total if c.max_steps < 0 else min(total, start + c.max_steps)
-    say(f"training steps {start} -> {end} of {total} ({sft_steps} SFT + {rl_steps} RL)")
+    every = log_every(c)
+    watch = StepWatch(c.optim.max_consecutive_skips, c.optim.spike_factor, c.optim.grad_clip)
+    say(f"training steps {start} -> {end} of {total} ({sft_steps} SFT + {rl_steps} RL); a line every {every} "
+        "step(s)")
     if start == 0 and sft_steps == 0 and rl_steps:
         say("evaluating the starting model on the held-out splits")
         before_rl = evaluate_all(stages[0])
@@ -184,8 +302,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, devic
         while state.step < end and not guard.requested:
             if state.step < sft_steps:
                 examples = sft_examples_for_step(train_rows, state.step, c.data.batch_size, c.seed)
+                spare = sft_examples_for_step(train_rows, state.step + 1, c.data.batch_size, c.seed) \
+                    if c.data.skip_bad_rows else ()              # replacements for bad rows, deterministic
                 state, last = sft_step(state, fns, tokenizer, model_config, examples, c=c,
-                                       seq_len=sft_len, response_fn=sft_trace)
+                                       seq_len=sft_len, response_fn=sft_trace, spare=spare)
                 line = f"sft step {state.step}/{end} loss {last['sft_loss']:.4f} grad_norm {last['grad_norm']:.3f}"
             else:
                 stage_idx, stage = stage_at(stages, state.step - sft_steps)
@@ -202,7 +322,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, devic
             sample = last.pop("sample", None)
             step_times.append(last["time_step"])
             writer.write(step, last)
-            if step % c.log_every == 0 or step in (end, sft_steps):
+            try:
+                watch(step, last, say)                    # skipped (non-finite) updates, spikes
+            except TrainingDivergedError:
+                ckpt.close()
+                writer.close()
+                raise
+            if step % every == 0 or step in (end, sft_steps):
                 say(f"{line} | eta {(end - step) * recent_step_time(step_times):.0f}s")
             if sample is not None and step == max(start, sft_steps) + 1:
                 say(f"sample completion: {sample!r}")
@@ -212,6 +338,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, devic
                 before_rl = evaluate_all(stages[0])
                 log_before_rl(writer, step, before_rl, say)
                 step_times.clear()                             # the RL phase's ETA comes from RL steps only
+                watch.reset()
             elif step > sft_steps and c.eval.every_steps and step % c.eval.every_steps == 0 and step < end:
                 ev = evaluate(policy(), tokenizer, eval_rows, c, eval_max_new_tokens(c, stage), mesh)
                 writer.write(step, ev)
@@ -222,8 +349,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, devic
     if guard.requested:
         ckpt.close()
         writer.close()
-        say(f"{guard.signal_name}: saved checkpoint at step {state.step}; exiting")
-        return last
+        say(f"{guard.signal_name}: saved checkpoint at step {state.step}; exiting with status {EXIT_PREEMPTED}")
+        return dict(last, preempted=True)
 
     # ---- final evaluation, summary, export
     say("final evaluation on the held-out splits")
@@ -233,7 +360,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, devic
     for t, m in after.items():
         say(f"final eval, {t}: " + " ".join(f"{k} {v:.3f}" for k, v in m.items()))
     if end == total:
-        summary = write_summary(workdir, c, before_rl, after, time.perf_counter() - t_start)
+        summary = write_summary(workdir, c, before_rl, after, elapsed())
         for t, m in summary["tasks"].items():
             if m["accuracy_gain"] is not None:
                 say(f"{t}: held-out accuracy {m['before_rl']['eval_accuracy']:.3f} before RL -> "
@@ -255,15 +382,52 @@ def main(argv: list[str]) -> None:
     del argv
     from absl import flags, logging
 
-    logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
+    from mr1jax.checkpoint import CheckpointCorruptError, WorkdirLockedError
 
-    train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir)
+    logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
+    try:
+        out = train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir)
+    except (ConfigError, WorkdirLockedError) as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(EXIT_CONFIG)
+    except (TrainingDivergedError, CheckpointCorruptError) as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(EXIT_DIVERGED if isinstance(e, TrainingDivergedError) else 1)
+    if out.get("preempted"):
+        sys.exit(EXIT_PREEMPTED)
+
+
+def check_overrides(argv: list[str]) -> str | None:
+    """An error line for the first `--config.<field>=...` the config file lacks (with the closest valid name),
+    before absl parses the flags (where ml_collections would stop with a traceback); None when all exist or the
+    config file cannot be loaded here (config_flags then reports it)."""
+    import importlib.util
+
+    from mr1jax.config import unknown_override
+
+    keys = [a[len("--config."):].split("=", 1)[0] for a in argv if a.startswith("--config.")]
+    path = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), "configs/grpo.py").split(":")[0]
+    if not keys:
+        return None
+    try:
+        spec = importlib.util.spec_from_file_location("_mr1jax_config", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        c = module.get_config()
+    except Exception:  # noqa: BLE001
+        return None
+    return next((e for e in (unknown_override(c, k) for k in keys) if e), None)
 
 
 if __name__ == "__main__":
     from absl import app, flags
     from ml_collections import config_flags
 
+    if (problem := check_overrides(sys.argv[1:])) is not None:
+        print(f"error: {problem}", file=sys.stderr)
+        sys.exit(EXIT_CONFIG)
+
     config_flags.DEFINE_config_file("config", "configs/grpo.py", "training config file", lock_config=True)
-    flags.DEFINE_string("workdir", "/tmp/mr1jax", "where checkpoints, metrics and exports go")
+    flags.DEFINE_string("workdir", None, "where checkpoints, metrics and exports go (one run per dir; required)")
+    flags.mark_flag_as_required("workdir")
     app.run(main)

@@ -32,7 +32,7 @@ from mr1jax.rl.update import GRPOConfig, SFTConfig
 from mr1jax.rollout import rollout_batch, select_groups
 
 # Metrics of several updates in one RL step combine like this (the rest: mean over updates).
-_COMBINE = {"ratio_min": min, "ratio_max": max, "sampler_gap_max": max}
+_COMBINE = {"ratio_min": min, "ratio_max": max, "sampler_gap_max": max, "skipped": sum}
 
 
 class StepFunctions:
@@ -104,23 +104,26 @@ def updates_per_rl_step(c: ml_collections.ConfigDict) -> int:
 
 
 def sft_step(state: st.TrainState, fns: StepFunctions, tokenizer, model_config, examples: list[dict], *,
-             c: ml_collections.ConfigDict, seq_len: int, response_fn) -> tuple[st.TrainState, dict[str, float]]:
-    """One cold-start SFT optimizer step on `examples`."""
+             c: ml_collections.ConfigDict, seq_len: int, response_fn, spare=()) -> tuple[st.TrainState, dict[str, float]]:
+    """One cold-start SFT optimizer step on `examples` (with `data.skip_bad_rows`, a bad one is replaced by the
+    next good one of `spare`)."""
     t0 = time.perf_counter()
     b = sft_batch(tokenizer, examples, image_size=c.data.image_size, seq_len=seq_len,
-                  question_template=c.data.question_template, response_fn=response_fn)
+                  question_template=c.data.question_template, response_fn=response_fn,
+                  skip_bad_rows=c.data.skip_bad_rows, spare=spare)
     batch = st.put_batch(sft_update_batch(model_config, b), fns.mesh)
     params, opt_state, m = fns.sft(state.params, state.opt_state, batch, sft_config(c))
     state = state.replace(params=params, opt_state=opt_state, step=state.step + 1)
     return state, {"sft_loss": float(m["loss"]), "grad_norm": float(m["grad_norm"]),
-                   "time_step": time.perf_counter() - t0}
+                   "skipped": int(m["skipped"]), "time_step": time.perf_counter() - t0}
 
 
 def rl_step(state: st.TrainState, fns: StepFunctions, tokenizer, prompts, stage: Stage, beta: float, *,
             c: ml_collections.ConfigDict) -> tuple[st.TrainState, dict[str, Any]]:
     """Rollouts -> rewards -> reference (and pi_old) log-probs -> mu x mini-batch GRPO updates.
 
-    Returns the new state and the step's metrics (averaged over its updates; ``sample``: one completion text).
+    Returns the new state and the step's metrics (averaged over its updates; ``skipped``: how many of its
+    updates were skipped as non-finite; ``sample``: one completion text).
     """
     t0 = time.perf_counter()
     rng, sample_rng = jax.random.split(jax.random.wrap_key_data(state.rng))
@@ -147,6 +150,7 @@ def rl_step(state: st.TrainState, fns: StepFunctions, tokenizer, prompts, stage:
     t3 = time.perf_counter()
     state = state.replace(params=params, opt_state=opt_state, rng=jax.random.key_data(rng), step=state.step + 1)
     metrics = dict(info, **{k: m[k] for k in ("loss", "policy_loss", "beta", "grad_norm", "clip_frac")},
+                   skipped=int(m["skipped"]),
                    kl=m.get("kl", 0.0), sampler_gap_mean=m["sampler_gap_mean"],
                    sampler_gap_max=m["sampler_gap_max"], time_rollout=t1 - t0, time_reference=t2 - t1,
                    time_update=t3 - t2, time_step=t3 - t0)

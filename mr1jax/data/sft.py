@@ -11,13 +11,16 @@ so resuming at any step reproduces the same data order without iterator state.
 from __future__ import annotations
 
 import hashlib
-from typing import Any, Callable, Sequence
+import logging
+from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
 from mr1jax.data.chat import IMAGE_PAD_TOKEN, build_messages
 from mr1jax.data.rows import DataError
 from mr1jax.data.vision import num_image_tokens, preprocess_images
+
+logger = logging.getLogger(__name__)
 
 
 def reasoning_trace(example: dict[str, Any]) -> str:
@@ -46,31 +49,62 @@ def annotator_trace(miss_rate: float, min_count: int, seed: int) -> Callable[[di
     return trace
 
 
+def _sft_example(tokenizer: Any, e: dict[str, Any], *, image_size: int, seq_len: int, response_fn, question_template,
+                 eos: int) -> tuple[np.ndarray, np.ndarray, list[int], list[int]]:
+    """(pixel values, grid [1, 3], prompt ids, response ids) of one example; DataError naming its file and line
+    when its image does not decode or it does not fit `seq_len`."""
+    where = (e.get("file", "<in-memory rows>"), e.get("row"))
+    try:
+        pixel_values, grid = preprocess_images([e["image"]], fixed_size=(image_size, image_size))
+    except (ValueError, OSError, TypeError) as err:
+        raise DataError(*where, "image", str(err).removeprefix("image 0").lstrip(": ")) from err
+    question = question_template.replace("{question}", e["question"])
+    text = tokenizer.apply_chat_template(build_messages(question), tokenize=False, add_generation_prompt=True)
+    text = text.replace(IMAGE_PAD_TOKEN, IMAGE_PAD_TOKEN * int(num_image_tokens(grid)[0]), 1)
+    prompt = tokenizer(text, add_special_tokens=False)["input_ids"]
+    response = tokenizer(response_fn(e), add_special_tokens=False)["input_ids"] + [eos]
+    if len(prompt) + len(response) > seq_len:
+        raise DataError(*where, None, f"SFT example {e.get('id', '?')}: prompt + response is "
+                        f"{len(prompt) + len(response)} tokens, more than data.prompt_bucket + "
+                        f"rollout.max_new_tokens = {seq_len}")
+    return pixel_values, grid, prompt, response
+
+
 def sft_batch(tokenizer: Any, examples: Sequence[dict[str, Any]], *, image_size: int, seq_len: int,
               response_fn: Callable[[dict[str, Any]], str] = reasoning_trace,
-              question_template: str = "{question}") -> dict[str, np.ndarray]:
+              question_template: str = "{question}", skip_bad_rows: bool = False,
+              spare: Iterable[dict[str, Any]] = ()) -> dict[str, np.ndarray]:
     """One batch.
 
     Returns:
       input_ids, attention_mask, loss_mask: [B, seq_len] int32 (loss_mask = 1 on response tokens and the
       closing <|im_end|>); pixel_values [B * P, 1176] float32; image_grid_thw [B, 3].
-    Raises DataError naming the example when its prompt + response does not fit `seq_len`.
+    Raises DataError naming the example's file and line when its image does not decode or its prompt +
+    response does not fit `seq_len`; with `skip_bad_rows` such an example is logged and replaced by the next
+    good one of `spare` (DataError when `spare` runs out), so the batch keeps its size.
     """
-    pixel_values, grid = preprocess_images([e["image"] for e in examples], fixed_size=(image_size, image_size))
-    counts = num_image_tokens(grid)
     eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
-    rows = []
-    for e, n in zip(examples, counts):
-        question = question_template.replace("{question}", e["question"])
-        text = tokenizer.apply_chat_template(build_messages(question), tokenize=False, add_generation_prompt=True)
-        text = text.replace(IMAGE_PAD_TOKEN, IMAGE_PAD_TOKEN * int(n), 1)
-        prompt = tokenizer(text, add_special_tokens=False)["input_ids"]
-        response = tokenizer(response_fn(e), add_special_tokens=False)["input_ids"] + [eos]
-        if len(prompt) + len(response) > seq_len:
-            raise DataError(e.get("file", "<in-memory rows>"), e.get("row"), None,
-                            f"SFT example {e.get('id', '?')}: prompt + response is {len(prompt) + len(response)} "
-                            f"tokens, more than data.prompt_bucket + rollout.max_new_tokens = {seq_len}")
+    spare = iter(spare)
+    rows, pixels, grids = [], [], []
+    for e in examples:
+        while True:
+            try:
+                pv, g, prompt, response = _sft_example(tokenizer, e, image_size=image_size, seq_len=seq_len,
+                                                       response_fn=response_fn, question_template=question_template,
+                                                       eos=eos)
+                break
+            except DataError as err:
+                if not skip_bad_rows:
+                    raise
+                logger.warning("skipping bad row: %s", err)
+                e = next(spare, None)
+                if e is None:
+                    raise DataError(err.file, err.row, err.field, f"{err.reason} (skip_bad_rows: no good row left "
+                                    "to replace it in this batch)") from err
         rows.append((prompt, response))
+        pixels.append(pv)
+        grids.append(g)
+    pixel_values, grid = np.concatenate(pixels), np.concatenate(grids)
     b = len(rows)
     input_ids = np.full((b, seq_len), tokenizer.pad_token_id, np.int32)
     attention_mask = np.zeros((b, seq_len), np.int32)

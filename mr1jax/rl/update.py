@@ -191,6 +191,20 @@ def _accumulate(grad_fn, params, parts: dict[str, Any], m: int):
     return g0, s0
 
 
+def _apply_if_finite(tx: optax.GradientTransformation, grads, opt_state, params, loss: jax.Array):
+    """One optimizer step, skipped (params and opt_state returned unchanged) when `loss` or the gradient norm is
+    not finite, as optax's `apply_if_finite` does. Returns (params, opt_state, grad_norm, skipped 0./1.).
+
+    The choice is an elementwise select fused into the update, so it costs no extra copy of the state."""
+    grad_norm = optax.tree.norm(grads)
+    ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    updates, new_opt_state = tx.update(grads, opt_state, params)
+    new_params = optax.apply_updates(params, updates)
+    keep = lambda new, old: jnp.where(ok, new, old)  # noqa: E731
+    return (jax.tree.map(keep, new_params, params), jax.tree.map(keep, new_opt_state, opt_state), grad_norm,
+            1.0 - ok.astype(jnp.float32))
+
+
 def _constrain(tree, shardings):
     return tree if shardings is None else jax.lax.with_sharding_constraint(tree, shardings)
 
@@ -235,13 +249,12 @@ def grpo_update(graphdef: nnx.GraphDef, params: nnx.State, opt_state: Any, batch
         return _constrain(g, grad_shardings), s
 
     grads, stats = _accumulate(grad_fn, params, parts, m)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    params = optax.apply_updates(params, updates)
     metrics = finalize_loss_stats(stats)
+    params, opt_state, metrics["grad_norm"], metrics["skipped"] = _apply_if_finite(
+        tx, grads, opt_state, params, metrics["loss"])
     if "sampler_gap_sum" in stats:
         metrics["sampler_gap_mean"] = stats["sampler_gap_sum"] / jnp.maximum(stats["tokens"], 1)
         metrics["sampler_gap_max"] = stats["sampler_gap_max"]
-    metrics["grad_norm"] = optax.tree.norm(grads)
     metrics["beta"] = jnp.asarray(beta, jnp.float32)
     return params, opt_state, metrics
 
@@ -284,7 +297,7 @@ def sft_update(graphdef: nnx.GraphDef, params: nnx.State, opt_state: Any, batch:
         return _constrain(g, grad_shardings), s
 
     grads, stats = _accumulate(grad_fn, params, parts, m)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    params = optax.apply_updates(params, updates)
-    return params, opt_state, {"loss": stats["loss_sum"] / jnp.maximum(stats["tokens"], 1),
-                               "tokens": stats["tokens"], "grad_norm": optax.tree.norm(grads)}
+    loss = stats["loss_sum"] / jnp.maximum(stats["tokens"], 1)
+    params, opt_state, grad_norm, skipped = _apply_if_finite(tx, grads, opt_state, params, loss)
+    return params, opt_state, {"loss": loss, "tokens": stats["tokens"], "grad_norm": grad_norm,
+                               "skipped": skipped}
