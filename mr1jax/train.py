@@ -382,7 +382,7 @@ def main(argv: list[str]) -> None:
     del argv
     from absl import flags, logging
 
-    from mr1jax.checkpoint import CheckpointCorruptError, WorkdirLockedError
+    from mr1jax.checkpoint import CheckpointCorruptError, NonFiniteStateError, WorkdirLockedError
 
     logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
     try:
@@ -390,9 +390,9 @@ def main(argv: list[str]) -> None:
     except (ConfigError, WorkdirLockedError) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(EXIT_CONFIG)
-    except (TrainingDivergedError, CheckpointCorruptError) as e:
+    except (TrainingDivergedError, NonFiniteStateError, CheckpointCorruptError) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
-        sys.exit(EXIT_DIVERGED if isinstance(e, TrainingDivergedError) else 1)
+        sys.exit(1 if isinstance(e, CheckpointCorruptError) else EXIT_DIVERGED)
     if out.get("preempted"):
         sys.exit(EXIT_PREEMPTED)
 
