@@ -201,6 +201,15 @@ class StepWatch:
             hist.append(abs(v))
 
 
+def eta_text(step: int, end: int, sft_steps: int, step_times: list[float]) -> str:
+    """The remaining time of the current phase at its recent step time. During SFT with RL to follow, only SFT's:
+    an RL step (rollouts, reference, update) costs several SFT steps, and its time is known once RL starts."""
+    per = recent_step_time(step_times)
+    if step < sft_steps < end:
+        return f"SFT eta {(sft_steps - step) * per:.0f}s, then {end - sft_steps} RL steps"
+    return f"eta {(end - step) * per:.0f}s"
+
+
 def _fmt(metrics: dict[str, Any]) -> str:
     return ", ".join(f"{k} {metrics[k]:.4g}" for k in ("sft_loss", "loss", "grad_norm") if k in metrics)
 
@@ -329,7 +338,7 @@ def _train(c: ml_collections.ConfigDict, workdir: str, stages, devices) -> dict[
                 writer.close()
                 raise
             if step % every == 0 or step in (end, sft_steps):
-                say(f"{line} | eta {(end - step) * recent_step_time(step_times):.0f}s")
+                say(f"{line} | {eta_text(step, end, sft_steps, step_times)}")
             if sample is not None and step == max(start, sft_steps) + 1:
                 say(f"sample completion: {sample!r}")
             if step == sft_steps and rl_steps:                # SFT -> RL: the SFT model becomes the reference
