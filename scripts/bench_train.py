@@ -41,7 +41,8 @@ the originals). It prints four parts:
    log-probabilities near 0 and the GRPO gradient is tiny: the arithmetic is the same as for a real model.
 
 2. **Update MFU.** FLOPs of the update = 3 x forward FLOPs (backward ~ 2x forward), forward as below (XLA's
-   own ``cost_analysis`` count of the lowered update is printed next to it as a check). MFU = FLOPs / median
+   own ``cost_analysis`` of the lowered update is printed next to it; it counts a scanned loop's body once, so
+   it undercounts the scanned layers). MFU = FLOPs / median
    update seconds / this CPU's fp32 matmul peak, measured in the same run once per timing round (a jitted
    2048x2048 ``jnp.dot``, median of 10 calls), so the peak sees the same machine load as the update. Target
    (the issue): update MFU >= 40% of the measured matmul peak -> PASS / MISS. Unless ``--no_diagnose``, the
@@ -480,7 +481,9 @@ def run_grpo(model: Qwen2VL, args, *, peak_label: str, n_cores: int,
           f"images): {flops_breakdown(fwd)}")
     print(f"update FLOPs = 3 x forward = {upd_flops / 1e9:.1f} GFLOP"
           + (f"; XLA cost_analysis of the lowered update {xla_upd / 1e9:.1f} GFLOP" if xla_upd else "")
-          + (f", of the reference forward {xla_ref / 1e9:.1f} GFLOP" if xla_ref else ""))
+          + (f", of the reference forward {xla_ref / 1e9:.1f} GFLOP" if xla_ref else "")
+          + (" (it counts a loop body once: the scanned decoder layers and vision blocks, LM-head chunks)"
+             if xla_upd or xla_ref else ""))
     print(f"{peak_label}: {peak / 1e9:,.1f} GFLOP/s")
     if extra_peak:
         print(f"{extra_peak[1]}: {extra_peak[0] / 1e9:,.1f} GFLOP/s (update at {upd_flops / upd_s / extra_peak[0]:.1%})")
