@@ -136,6 +136,7 @@ def rl_step(state: st.TrainState, fns: StepFunctions, tokenizer, prompts, stage:
         batch["ref_logps"] = fns.logprobs(state.ref_params, batch, whole, "ref")
     if updates_per_rl_step(c) > 1:
         batch["old_logps"] = fns.logprobs(state.params, batch, whole, "old")
+    jax.block_until_ready([batch.get("ref_logps"), batch.get("old_logps")])   # time_reference: the real pass
     t2 = time.perf_counter()
     cfg, prompts_n, g = grpo_config(c, stage), c.data.batch_size, stage.num_samples
     params, opt_state, updates = state.params, state.opt_state, []
