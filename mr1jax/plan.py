@@ -8,9 +8,12 @@ The model is built abstractly (`nnx.eval_shape`: no weights are allocated or rea
 the config (`rl.ptst_stages`, else one stage from `rollout`) the real jitted steps are lowered and compiled
 for the config's shapes on the requested mesh, and a table reports per device: argument / output / aliased
 (donated) / temporary / generated-code bytes from `compiled.memory_analysis()`, their sum
-(args + outputs - aliased + temp + code) and XLA:TPU's peak (what its out-of-memory check uses; the verdicts
-use the peak where the backend reports it, else the sum), FLOPs from `compiled.cost_analysis()` and an analytic estimate,
-compile time, and whether the total fits each accelerator of `mr1jax.accelerators`.
+(args + outputs - aliased + temp + code), XLA:TPU's peak (what its out-of-memory check uses), the train state
+that stays on the devices during the step without being one of its arguments (the optimizer state and the
+reference during the rollout, the reference during the update: the compiler does not see it) and the total
+the verdicts use (peak where the backend reports it, else the sum, plus that resident state), FLOPs from
+`compiled.cost_analysis()` and an analytic estimate, compile time, and whether the total fits each accelerator
+of `mr1jax.accelerators`.
 
 Steps: `grpo_update` (one optimizer step on a minibatch of prompt groups, micro-batched as configured),
 `token_logprobs` (reference-model pass over the whole rollout batch; only when the KL term is on),
@@ -261,6 +264,15 @@ def _opt(c: ml_collections.ConfigDict, dotted: str, default: Any) -> Any:
     return c
 
 
+def _per_device_bytes(tree: Any) -> int:
+    """Bytes on the most loaded device of a tree of sharded ShapeDtypeStructs."""
+    total = 0
+    for a in jax.tree.leaves(tree):
+        shape = a.sharding.shard_shape(a.shape) if getattr(a, "sharding", None) is not None else a.shape
+        total += math.prod(shape) * np.dtype(a.dtype).itemsize
+    return total
+
+
 def _with_shardings(tree: Any, shardings: Any) -> Any:
     return jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), tree, shardings)
 
@@ -277,6 +289,7 @@ class StepProgram:
     jitted: Any
     args: tuple
     shapes: str     # human-readable summary of the batch shapes
+    resident: int = 0   # per-device bytes of train state held on the device during the step, not an argument
 
 
 class Programs:
@@ -304,6 +317,16 @@ class Programs:
         self.opt_state = _with_shardings(state.opt_state, self.shardings.opt_state)
         self.ref_params = None if ref is None else _with_shardings(ref, self.shardings.ref_params)
         self.replicated = steps.replicated(mesh)
+        # per-device bytes of each part of the train state the trainer keeps on the devices for the whole run
+        self.state_bytes = {"params": _per_device_bytes(self.params), "opt_state": _per_device_bytes(self.opt_state),
+                            "ref_params": _per_device_bytes(self.ref_params) if kl else 0}
+
+    def resident(self, phase: str, *passed: str) -> int:
+        """Bytes per device of the train state that stays on the devices while a step runs without being one
+        of its arguments (the optimizer state during the rollout, the reference during the update, ...): the
+        compiler's figures do not see them, the device's memory does. The reference exists in the RL phase."""
+        parts = ("params", "opt_state", "ref_params") if phase == "rl" else ("params", "opt_state")
+        return sum(self.state_bytes[k] for k in parts if k not in passed)
 
     def _check_split(self, name: str, prompts: int, micro_batches: int) -> None:
         """ValueError when the prompts do not split over the (data, fsdp) devices; a warning (kept in the
@@ -330,7 +353,8 @@ class Programs:
         jitted = steps.jit_grpo_update(self.graphdef, self.mesh, self.shardings, spec, tx=self.rl_tx, cfg=cfg)
         beta = _sds((), jnp.float32, self.replicated)
         return StepProgram("grpo_update", jitted, (self.params, self.opt_state, self._batch(spec), beta),
-                           f"{p}x{s.num_samples} rows x {s.seq}, {cfg.micro_batches} micro")
+                           f"{p}x{s.num_samples} rows x {s.seq}, {cfg.micro_batches} micro",
+                           self.resident("rl", "params", "opt_state"))
 
     def token_logprobs(self, s: Shapes, stage: Stage) -> StepProgram:
         """The log-prob pass over the whole rollout batch: the reference's (KL on), else pi_old's."""
@@ -341,7 +365,7 @@ class Programs:
         jitted = steps.jit_token_logprobs(self.graphdef, self.mesh, self.shardings.params, spec, cfg=cfg)
         return StepProgram("token_logprobs", jitted, (params, self._batch(spec)),
                            f"{'ref' if self.kl else 'old'}: {s.prompts}x{s.num_samples} rows x {s.seq}, "
-                           f"{cfg.micro_batches} micro")
+                           f"{cfg.micro_batches} micro", self.resident("rl", "ref_params" if self.kl else "params"))
 
     def sft_update(self, s: Shapes, seq: int) -> StepProgram:
         rows, cfg = s.prompts, sft_config(self.c)
@@ -349,7 +373,7 @@ class Programs:
         spec = steps.sft_batch_spec(self.cfg, rows, seq, s.image_size)
         jitted = steps.jit_sft_update(self.graphdef, self.mesh, self.shardings, spec, tx=self.sft_tx, cfg=cfg)
         return StepProgram("sft_update", jitted, (self.params, self.opt_state, self._batch(spec)),
-                           f"{rows} rows x {seq}, {cfg.micro_batches} micro")
+                           f"{rows} rows x {seq}, {cfg.micro_batches} micro", self.resident("sft", "params", "opt_state"))
 
     def rollout(self, s: Shapes) -> StepProgram:
         """The sampler's whole rollout (`mr1jax.sampling._rollout`: prefill, G-way decode to max_new_tokens),
@@ -377,7 +401,8 @@ class Programs:
 
         in_sh = (self.shardings.params,) + tuple(a.sharding for a in args[1:])
         jitted = jax.jit(fn, in_shardings=in_sh, out_shardings=(rows, rows, rows, rows))
-        return StepProgram("rollout", jitted, args, f"{p} prompts x {length} -> {g}x{t} new")
+        return StepProgram("rollout", jitted, args, f"{p} prompts x {length} -> {g}x{t} new",
+                           self.resident("rl", "params"))
 
 
 # ---------------------------------------------------------------------------------------------- compiling
@@ -423,7 +448,8 @@ def compile_program(prog: StepProgram, mesh: Mesh) -> dict:
     peak = int(getattr(ma, "peak_memory_in_bytes", 0) or 0)   # XLA:TPU reports it (what it checks); CPU/GPU: 0
     if peak:
         mem["peak"] = peak
-    mem["total"] = peak or mem["sum"]                         # the figure the fit verdicts use
+    mem["resident"] = prog.resident                           # train state on the device, not an argument
+    mem["total"] = (peak or mem["sum"]) + prog.resident       # the figure the fit verdicts use
     res["memory"] = mem
     cost = compiled.cost_analysis()
     if isinstance(cost, (list, tuple)):
@@ -613,14 +639,14 @@ def _memory_table(results: list[dict]) -> str:
         mem = r.get("memory")
         if mem is None:
             needed = r.get("oom", {}).get("needed_bytes")
-            cells = ["-"] * 6 + [f">{fmt_m(needed)}" if needed else "-"]
+            cells = ["-"] * 6 + [f">{fmt_m(needed)}" if needed else "-", "-", "-"]
         else:
             cells = [fmt_m(mem[k]) for k in ("argument", "output", "alias", "temp", "generated_code", "sum")]
-            cells.append(fmt_m(mem.get("peak")))
+            cells += [fmt_m(mem.get("peak")), fmt_m(mem.get("resident", 0)), fmt_m(mem["total"])]
         rows.append([r["step"], r["shapes"], *cells, fmt_f(r.get("xla_flops_per_device")),
                      fmt_f(r.get("analytic_flops_per_device")), f"{r['compile_s']:.1f}"])
     return _table(["step", "shapes", f"args {mem_unit}", "out", "alias", "temp", "code", "sum", f"peak {mem_unit}",
-                   f"XLA {flop_unit}", f"analytic {flop_unit}", "compile s"], rows)
+                   "+state", f"total {mem_unit}", f"XLA {flop_unit}", f"analytic {flop_unit}", "compile s"], rows)
 
 
 def verdict_text(v: dict) -> str:
@@ -641,7 +667,9 @@ def format_plan(plan: dict) -> str:
            f"lm_head {m['params_lm_head']:,})",
            f"  target  {t['description']}; mesh " + " ".join(f"{k}={v}" for k, v in plan["mesh"].items()),
            f"  memory  per device, XLA:{t['platform'].upper()} memory analysis; sum = args + out - alias + temp + code; "
-           "peak = the compiler's peak (XLA:TPU only); verdicts use peak where reported, else sum",
+           "peak = the compiler's peak (XLA:TPU only); +state = train state resident on the device but not an "
+           "argument of the step (optimizer state, reference); total = (peak where reported, else sum) + state: "
+           "the verdicts' figure",
            "  FLOPs   per device; XLA = compiler cost analysis (counts loop bodies once: a lower bound), "
            "analytic = formulas in the mr1jax.plan docstring",
            ""]

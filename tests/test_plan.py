@@ -67,7 +67,9 @@ def test_plan_cpu_devices(tmp_path):
     mem = upd["memory"]
     assert mem["temp"] > 0 and mem["argument"] > 0
     assert mem["sum"] == mem["argument"] + mem["output"] - mem["alias"] + mem["temp"] + mem["generated_code"]
-    assert mem["total"] == mem.get("peak", mem["sum"])
+    assert mem["total"] == mem.get("peak", mem["sum"]) + mem["resident"]   # + the reference, when KL is on
+    assert (mem["resident"] > 0) == plan["kl"]
+    assert steps["rollout"]["memory"]["resident"] > mem["resident"]          # + the optimizer state
     assert mem["alias"] > 0                      # params and optimizer state are donated
     assert upd["xla_flops_per_device"] > 0 and upd["analytic_flops"] > 0
     assert upd["compile_s"] > 0
@@ -153,7 +155,7 @@ def test_plan_tpu_topology(tmp_path):
     plan = json.loads(out.read_text())
     assert plan["target"]["compiled_for"] == "v5e" and plan["target"]["devices"] == 4
     (res,) = plan["stages"][0]["results"]
-    assert res["memory"]["temp"] > 0 and res["memory"]["total"] == res["memory"]["peak"] > 0
+    assert res["memory"]["temp"] > 0 and res["memory"]["total"] == res["memory"]["peak"] + res["memory"]["resident"] > 0
     assert res["fits"]["v5e"] == dict(res["fits"]["v5e"], fits=True, source="compiler")
     _check_verdicts(plan, proc.stdout)
 
