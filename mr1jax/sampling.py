@@ -26,6 +26,7 @@ loop over per-layer weight slices taken once per rollout): each layer writes onl
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from typing import Sequence
 
@@ -341,12 +342,13 @@ def generate(model: Qwen2VL, input_ids, attention_mask, pixel_values=None, image
     put = lambda a, dim=0: jnp.asarray(a) if mesh is None else shard_batch(mesh, jnp.asarray(a), dim)  # noqa: E731
     uniform = extra.patch_segments if isinstance(extra.patch_segments, int) else None
     segment_ids = None if uniform is not None or extra.patch_segments is None else jnp.asarray(extra.patch_segments)
-    tokens, logprobs, mask, truncated = _rollout_jit(
-        graphdef, state, put(input_ids), put(attention_mask), put(extra.position_ids, 1), put(extra.rope_deltas), None if pixel_values is None else jnp.asarray(pixel_values),
-        None if extra.patch_pos is None else jnp.asarray(extra.patch_pos), segment_ids, rng,
-        jnp.float32(temperature), jnp.int32(top_k), jnp.float32(top_p), jnp.asarray(eos),
-        jnp.asarray(suppress),
-        patch_segments=uniform,
-        num_samples=num_samples, max_new_tokens=max_new_tokens)
+    with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():   # rows pinned to the batch axes
+        tokens, logprobs, mask, truncated = _rollout_jit(
+            graphdef, state, put(input_ids), put(attention_mask), put(extra.position_ids, 1), put(extra.rope_deltas), None if pixel_values is None else jnp.asarray(pixel_values),
+            None if extra.patch_pos is None else jnp.asarray(extra.patch_pos), segment_ids, rng,
+            jnp.float32(temperature), jnp.int32(top_k), jnp.float32(top_p), jnp.asarray(eos),
+            jnp.asarray(suppress),
+            patch_segments=uniform,
+            num_samples=num_samples, max_new_tokens=max_new_tokens)
     prompt_index = jnp.repeat(jnp.arange(input_ids.shape[0], dtype=jnp.int32), num_samples)
     return Rollouts(tokens, logprobs, mask, truncated, prompt_index, mask.sum(-1))

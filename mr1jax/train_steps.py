@@ -53,19 +53,22 @@ class StepFunctions:
     def sft(self, params, opt_state, batch, cfg: SFTConfig):
         fn = self._get(("sft", cfg, tuple(sorted(batch))), lambda: st.jit_sft_update(
             self.graphdef, self.mesh, self.shardings, batch, tx=self.sft_tx, cfg=cfg))
-        return fn(params, opt_state, batch)
+        with jax.set_mesh(self.mesh):          # traced under the mesh: activations pinned to the batch axes
+            return fn(params, opt_state, batch)
 
     def grpo(self, params, opt_state, batch, beta, cfg: GRPOConfig):
         fn = self._get(("grpo", cfg, tuple(sorted(batch))), lambda: st.jit_grpo_update(
             self.graphdef, self.mesh, self.shardings, batch, tx=self.rl_tx, cfg=cfg))
-        return fn(params, opt_state, batch, np.float32(beta))
+        with jax.set_mesh(self.mesh):
+            return fn(params, opt_state, batch, np.float32(beta))
 
     def logprobs(self, params, batch, cfg: GRPOConfig, which: str):
         """which: "ref" (the reference copy, compute dtype) or "old" (the current fp32 params)."""
         sh = self.shardings.params
         fn = self._get((which, cfg, tuple(sorted(batch))), lambda: st.jit_token_logprobs(
             self.graphdef, self.mesh, sh, batch, cfg=cfg))
-        return fn(params, batch)
+        with jax.set_mesh(self.mesh):
+            return fn(params, batch)
 
     def compile_counts(self) -> dict[str, int]:
         """{step name: executables compiled}, summed over the step's static configurations."""

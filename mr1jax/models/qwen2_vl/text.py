@@ -18,6 +18,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from mr1jax.models.qwen2_vl.config import TextConfig
+from mr1jax.sharding import constrain_batch
 from mr1jax.models.qwen2_vl import layers as nn
 from mr1jax.models.qwen2_vl.layers import Dense, Embed, RMSNorm
 from mr1jax.models.qwen2_vl.rope import apply_rotary
@@ -160,7 +161,8 @@ class TextDecoder(nnx.Module):
         """
         def body(layer, carry, i):
             x, cache = carry
-            return layer(x, cos, sin, mask, cache, cache_index, i, self.attention_chunk)
+            x, cache = layer(constrain_batch(x), cos, sin, mask, cache, cache_index, i, self.attention_chunk)
+            return constrain_batch(x), cache                  # rows stay split over (data, fsdp) under a mesh
 
         if unstacked is not None:
             for i, layer in enumerate(unstacked):

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from mr1jax.models.qwen2_vl.config import VisionConfig
+from mr1jax.sharding import constrain_batch
 from mr1jax.models.qwen2_vl import layers as nn
 from mr1jax.models.qwen2_vl.layers import Dense, LayerNorm
 from mr1jax.models.qwen2_vl.rope import apply_rotary, vision_cos_sin
@@ -104,5 +105,6 @@ class VisionTower(nnx.Module):
         """
         cos, sin = vision_cos_sin(patch_pos, self.cfg.head_dim, self.cfg.rope_theta)
         x = self.patch_embed(pixel_values.astype(self.dtype))
-        x = nn.scan(self.blocks, lambda block, x, _: block(x, cos, sin, segments), x, remat=self.remat)
+        x = nn.scan(self.blocks, lambda block, x, _: constrain_batch(block(constrain_batch(x), cos, sin, segments)),
+                    x, remat=self.remat)
         return self.merger(x)
