@@ -1,6 +1,6 @@
 """OThink-MR1 GRPO-D on visual counting (CLEVR train -> SuperCLEVR test) with Qwen2-VL-2B-Instruct.
 
-Paper settings (../shared/docs/papers.md): G = 8, lr 1e-6 constant, temperature 1.0, 16 prompts per step,
+Paper settings (docs/recipes.md): G = 8, lr 1e-6 constant, temperature 1.0, 16 prompts per step,
 max completion 512 tokens, one update per batch, dynamic KL with beta_min 0.04, beta_max 0.1, w/t = 0.3,
 reward = accuracy + format. Tuned constant-beta baseline: `--config.rl.beta_schedule=constant
 --config.rl.beta=0.04`.

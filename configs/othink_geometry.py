@@ -1,6 +1,6 @@
 """OThink-MR1 GRPO-D on geometry (GeoQA train 8k -> GeoQA test 754) with Qwen2-VL-2B/7B-Instruct.
 
-Differences from counting (../shared/docs/papers.md): beta_min 0.0, beta_max 0.02 (tuned constant-beta
+Differences from counting (docs/recipes.md): beta_min 0.0, beta_max 0.02 (tuned constant-beta
 baseline 0.01), symbolic answers scored with math_verify. Data: geometry3k / EasyR1 style rows (`images`,
 `problem`, `answer`): `--config.data.train_files=geoqa_train.parquet --config.data.eval_files=geoqa_test.parquet`.
 Hardware: as configs/othink_counting.py.

@@ -1,6 +1,6 @@
 """Vision-R1: cold-start chain-of-thought SFT, then GRPO with the hard formatting result reward and PTST.
 
-Paper settings (../shared/docs/papers.md): SFT lr 5e-6 cosine, warmup 5 %; GRPO eps 0.2, beta 0.01 (k3),
+Paper settings (docs/recipes.md): SFT lr 5e-6 cosine, warmup 5 %; GRPO eps 0.2, beta 0.01 (k3),
 group z-score advantages, token-mean loss (verl), lr 1e-6, temperature 1.0, HFRRF reward; PTST stages
 4K x 16 then 8K x 8 (100 steps each; optional 16K x 4). Backbone in the paper: Qwen2.5-VL-7B (mr1jax runs the
 same recipe on Qwen2-VL until the Qwen2.5-VL port lands).
