@@ -146,20 +146,3 @@ def shard_batch(mesh: Mesh, array: np.ndarray | jax.Array, batch_dim: int = 0) -
     if array.shape[batch_dim] % n:
         raise ValueError(f"batch dimension {array.shape[batch_dim]} is not divisible by data*fsdp = {n}")
     return jax.device_put(array, batch_sharding(mesh, array.ndim, batch_dim))
-
-
-def place_on_mesh(tree: Any, mesh: Mesh) -> Any:
-    """Replicate over `mesh` every array leaf that is not already a NamedSharding on it.
-
-    Jitted steps are keyed on their inputs' shardings: a freshly initialised optimizer state (plain
-    single-device scalars) and the same state coming back from the step (mesh-replicated) would otherwise
-    compile the step twice.
-    """
-    replicated = NamedSharding(mesh, P())
-
-    def put(x):
-        if isinstance(x, jax.Array) and not (isinstance(x.sharding, NamedSharding) and x.sharding.mesh == mesh):
-            return jax.device_put(x, replicated)
-        return x
-
-    return jax.tree.map(put, tree)

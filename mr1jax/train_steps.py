@@ -77,13 +77,6 @@ class StepFunctions:
             out[key[0]] = out.get(key[0], 0) + fn._cache_size()
         return out
 
-    def num_configs(self) -> dict[str, int]:
-        """{step name: distinct static configurations seen} (compile_counts should equal this)."""
-        out: dict[str, int] = {}
-        for key in self._jitted:
-            out[key[0]] = out.get(key[0], 0) + 1
-        return out
-
 
 def sft_config(c: ml_collections.ConfigDict) -> SFTConfig:
     m = c.sft.micro_batches

@@ -274,14 +274,13 @@ def sft_loss_terms(model: Qwen2VL, input_ids: jax.Array, attention_mask: jax.Arr
 
 
 def sft_update(graphdef: nnx.GraphDef, params: nnx.State, opt_state: Any, batch: dict[str, jax.Array], *,
-               tx: optax.GradientTransformation, cfg: SFTConfig | None = None, grad_shardings: Any = None,
-               patch_segments: int | None = None) -> tuple[nnx.State, Any, dict[str, jax.Array]]:
+               tx: optax.GradientTransformation, cfg: SFTConfig = SFTConfig(), grad_shardings: Any = None
+               ) -> tuple[nnx.State, Any, dict[str, jax.Array]]:
     """One supervised (cold-start) optimizer step: mean cross-entropy over assistant tokens.
 
     batch keys: input_ids, attention_mask, loss_mask [B, S]; position_ids [3, B, S]; pixel_values, patch_pos
     (one image per example, or absent). Split into `cfg.micro_batches` groups of examples, accumulated exactly.
     """
-    cfg = cfg or SFTConfig(patch_segments=patch_segments)
     m = cfg.micro_batches
     total = batch["loss_mask"][:, 1:].astype(jnp.float32).sum()
     parts = split_batch(batch, m, batch["input_ids"].shape[0])
