@@ -100,6 +100,11 @@ def get_config() -> ml_collections.ConfigDict:
     c.sft.annotator_min_count = 4
 
     c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
+    # Several processes (hosts): joined automatically on TPU slices, SLURM, Open MPI; elsewhere give the
+    # coordinator (process 0's host:port), the process count and this process's id (or JAX_COORDINATOR_ADDRESS,
+    # JAX_NUM_PROCESSES, JAX_PROCESS_ID). data.batch_size stays the global number of prompts per step.
+    c.distributed = ml_collections.ConfigDict(dict(mode="auto", coordinator="", num_processes=0, process_id=-1,
+                                                   timeout_s=300))
 
     c.checkpoint = ml_collections.ConfigDict()
     c.checkpoint.every_steps = 100

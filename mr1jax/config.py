@@ -17,6 +17,8 @@ import ml_collections
 import optax
 
 from mr1jax.build import MODEL_DTYPES
+from mr1jax.distributed import MODES as DISTRIBUTED_MODES
+from mr1jax.distributed import requested as distributed_requested
 from mr1jax.data.tasks import TASKS
 from mr1jax.models.qwen2_vl.model import REMAT_POLICIES
 from mr1jax.rl import ADVANTAGE_SCALES, KL_ESTIMATORS, LOSS_AGGREGATIONS, SCHEDULE_NAMES, make_schedule
@@ -42,6 +44,7 @@ CHOICES = {
     "rl.reward": tuple(REWARD_KINDS),
     "data.task": tuple(TASKS),
     "mode": MODES,
+    "distributed.mode": DISTRIBUTED_MODES,
 }
 POSITIVE = ("total_steps", "data.batch_size", "data.prompt_bucket", "data.image_size", "rollout.num_samples",
             "rollout.max_new_tokens", "rl.updates_per_batch", "rl.minibatches", "rl.micro_batches", "sft.micro_batches", "checkpoint.every_steps",
@@ -160,6 +163,11 @@ def validate_config(c: ml_collections.ConfigDict, reference: ml_collections.Conf
                           f"{c.log_every!r}")
     if not c.optim.spike_factor >= 0:
         raise ConfigError(f"config.optim.spike_factor must be >= 0 (0 = off), got {c.optim.spike_factor!r}")
+    if "distributed" in c:
+        try:
+            distributed_requested(c.distributed)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
     if c.mode != "grpo" and c.sft.steps < 1:
         raise ConfigError(f"config.mode = {c.mode!r} needs config.sft.steps >= 1, got {c.sft.steps}")
     if c.data.image_size % 28:

@@ -110,10 +110,14 @@ def write_summary(workdir: str, c, before: dict[str, dict[str, float]], after: d
 
 
 class MetricsWriter:
-    """JSONL (`<workdir>/metrics.jsonl`), TensorBoard event files (tensorboardX) and a console line."""
+    """JSONL (`<workdir>/metrics.jsonl`) and TensorBoard event files (tensorboardX); `enabled=False` (every process
+    but process 0 of a multi-process run) writes nothing."""
 
-    def __init__(self, workdir: str):
+    def __init__(self, workdir: str, enabled: bool = True):
         self.path = os.path.join(workdir, "metrics.jsonl")
+        self.enabled, self.file, self.tb = enabled, None, None
+        if not enabled:                                       # not process 0 of a multi-process run: no files
+            return
         self.file = open(self.path, "a")
         try:
             from tensorboardX import SummaryWriter
@@ -122,6 +126,8 @@ class MetricsWriter:
             self.tb = None
 
     def write(self, step: int, metrics: dict[str, float]) -> None:
+        if not self.enabled:
+            return
         row = {"step": step, **{k: json_value(v) for k, v in metrics.items()}}
         self.file.write(json.dumps(row) + "\n")
         self.file.flush()
@@ -132,6 +138,8 @@ class MetricsWriter:
             self.tb.flush()
 
     def close(self) -> None:
+        if not self.enabled:
+            return
         self.file.close()
         if self.tb is not None:
             self.tb.close()

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
+from mr1jax import distributed
 from mr1jax.models.qwen2_vl import prepare_inputs
-from mr1jax.rl import group_advantages
 from mr1jax.rl import rewards as rw
 from mr1jax.rl.ptst import Stage
 from mr1jax.sampling import generate
@@ -32,20 +31,26 @@ def rollout_batch(model, tokenizer, batch, stage: Stage, c, rng, mesh=None) -> t
     """Sample G completions per prompt (on `mesh`, prompts split over its batch axes), score them, and build
     the update batch (host numpy arrays; `mr1jax.steps.put_batch` places them on the mesh).
 
+    With several processes `batch` holds this process's prompts: the sampler runs over every process's prompts
+    at once, and this process decodes and scores the completions of its own prompts only (a prompt's G samples
+    stay on the process that owns the prompt). The advantages are computed on device from the global rewards
+    (`mr1jax.steps.jit_advantages`), so every process uses the same values; the logged statistics are over the
+    global batch.
+
     Returns ({input_ids, attention_mask [R, L+T], position_ids [3, R, L+T], pixel_values, patch_pos,
-    completion_mask [R, T], sampler_logps [R, T], advantages [R]}, info): R = prompts x G with a prompt's
-    samples contiguous; `sampler_logps` are the sampler's log-probs, kept to measure the sampler-trainer gap.
+    completion_mask [R, T], sampler_logps [R, T], rewards [R]}, info): R = this process's prompts x G with a
+    prompt's samples contiguous; `sampler_logps` are the sampler's log-probs, kept to measure the
+    sampler-trainer gap.
     """
     g = stage.num_samples
     ro = generate(model, batch.input_ids, batch.attention_mask, batch.pixel_values, batch.image_grid_thw,
                   num_samples=g, max_new_tokens=stage.max_new_tokens, temperature=c.rollout.temperature,
                   top_p=c.rollout.top_p, top_k=c.rollout.top_k, rng=rng, mesh=mesh)
-    tokens, mask = np.asarray(ro.tokens), np.asarray(ro.mask)
+    tokens, mask = distributed.local_rows(ro.tokens), distributed.local_rows(ro.mask)
     texts = decode_completions(tokenizer, tokens, mask)
     answers = [str(a) for a in np.repeat(batch.answers, g)]
     acc, fmt, stats = reward_parts(texts, answers, c.rl.reward_timeout_s)
-    rewards = rw.combine_rewards(c.rl.reward, acc, fmt, c.rl.alpha)
-    adv = np.asarray(group_advantages(jnp.asarray(rewards), g, scale=c.rl.advantage_scale), np.float32)
+    rewards = rw.combine_rewards(c.rl.reward, acc, fmt, c.rl.alpha).astype(np.float32)
     full_ids = np.concatenate([np.repeat(batch.input_ids, g, 0), tokens], 1)
     full_mask = np.concatenate([np.repeat(batch.attention_mask, g, 0), mask], 1)
     cfg = model.config
@@ -54,11 +59,15 @@ def rollout_batch(model, tokenizer, batch, stage: Stage, c, rng, mesh=None) -> t
     host_batch = dict(input_ids=full_ids.astype(np.int32), attention_mask=full_mask.astype(np.int32),
                       position_ids=positions.astype(np.int32), pixel_values=np.asarray(batch.pixel_values, np.float32),
                       patch_pos=prompt_extra.patch_pos.astype(np.int32), completion_mask=mask.astype(np.int32),
-                      sampler_logps=np.asarray(ro.logprobs, np.float32), advantages=adv)
-    info = dict(reward=float(rewards.mean()), accuracy=float(acc.mean()), format_rate=float(fmt.mean()),
-                completion_len=float(mask.sum(1).mean()), truncated_frac=float(np.asarray(ro.truncated).mean()),
-                reward_errors=int(stats.get("n_errors", 0)), reward_timeouts=int(stats.get("n_timeouts", 0)),
-                reward_std=float(rewards.std()), sample=texts[0][:200])
+                      sampler_logps=distributed.local_rows(ro.logprobs).astype(np.float32), rewards=rewards)
+    # Statistics of the global batch (a collective: every process takes part).
+    per_row = distributed.gather(np.stack([rewards, acc, fmt, mask.sum(1),
+                                           distributed.local_rows(ro.truncated)], 1).astype(np.float64))
+    errors = distributed.gather(np.array([[stats.get("n_errors", 0), stats.get("n_timeouts", 0)]])).sum(0)
+    info = dict(reward=float(per_row[:, 0].mean()), accuracy=float(per_row[:, 1].mean()),
+                format_rate=float(per_row[:, 2].mean()), completion_len=float(per_row[:, 3].mean()),
+                truncated_frac=float(per_row[:, 4].mean()), reward_errors=int(errors[0]),
+                reward_timeouts=int(errors[1]), reward_std=float(per_row[:, 0].std()), sample=texts[0][:200])
     return host_batch, info
 
 

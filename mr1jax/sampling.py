@@ -303,6 +303,22 @@ def pad_to_bucket(input_ids: np.ndarray, attention_mask: np.ndarray, buckets: Se
     return out_ids, out_mask
 
 
+def _image_placer(mesh, uniform: int | None, put):
+    """How the sampler places pixel values / patch positions: split over the batch devices with their prompts when
+    every image has one size and the split is even (necessary with several processes, which hold different
+    images), else whole on every device (per-image segment ids index the whole batch)."""
+    n = 1 if mesh is None else max(1, mesh.shape["data"] * mesh.shape["fsdp"] // jax.process_count())
+
+    def place(a):
+        split = mesh is not None and uniform is not None and uniform % n == 0
+        if jax.process_count() > 1 and not split:
+            raise ValueError("with several processes every prompt's images must have one size and each process "
+                             "the same number of them (resize to config.data.image_size)")
+        return put(a) if split else jnp.asarray(a)
+
+    return place
+
+
 def generate(model: Qwen2VL, input_ids, attention_mask, pixel_values=None, image_grid_thw=None, *,
              num_samples: int = 1, max_new_tokens: int = 64, temperature: float = 1.0, top_p: float = 1.0,
              top_k: int = 0, eos_token_ids: Sequence[int] | None = None, rng: jax.Array | None = None,
@@ -312,7 +328,9 @@ def generate(model: Qwen2VL, input_ids, attention_mask, pixel_values=None, image
 
     Args:
       model: the live policy (its current parameters are read; nothing is copied).
-      input_ids, attention_mask: [B, L] left-padded prompts (numpy or jax).
+      input_ids, attention_mask: [B, L] left-padded prompts (numpy or jax); with several processes, this
+        process's prompts (the rollouts are then global arrays over every process's prompts, in process order:
+        `mr1jax.distributed.local_rows` gives back this process's rows).
       pixel_values, image_grid_thw: images of the batch in row-major order, as `preprocess_images` gives.
       temperature: 0 = greedy. top_k: 0 = off. top_p: 1 = off. All traced: changing them never recompiles.
       eos_token_ids: stop ids (default: the model config's).
@@ -339,16 +357,20 @@ def generate(model: Qwen2VL, input_ids, attention_mask, pixel_values=None, image
                                 else (cfg.image_token_id, cfg.video_token_id)), np.int32)
     rng = jax.random.key(0) if rng is None else rng
     graphdef, state = nnx.split(model)
-    put = lambda a, dim=0: jnp.asarray(a) if mesh is None else shard_batch(mesh, jnp.asarray(a), dim)  # noqa: E731
+    put = lambda a, dim=0: jnp.asarray(a) if mesh is None else shard_batch(mesh, np.asarray(a), dim)  # noqa: E731
     uniform = extra.patch_segments if isinstance(extra.patch_segments, int) else None
     segment_ids = None if uniform is not None or extra.patch_segments is None else jnp.asarray(extra.patch_segments)
+    put_images = _image_placer(mesh, uniform, put)
+    if uniform is not None:
+        uniform *= jax.process_count()           # every process holds as many images (same-size batches)
     with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():   # rows pinned to the batch axes
         tokens, logprobs, mask, truncated = _rollout_jit(
-            graphdef, state, put(input_ids), put(attention_mask), put(extra.position_ids, 1), put(extra.rope_deltas), None if pixel_values is None else jnp.asarray(pixel_values),
-            None if extra.patch_pos is None else jnp.asarray(extra.patch_pos), segment_ids, rng,
+            graphdef, state, put(input_ids), put(attention_mask), put(extra.position_ids, 1), put(extra.rope_deltas),
+            None if pixel_values is None else put_images(pixel_values),
+            None if extra.patch_pos is None else put_images(extra.patch_pos), segment_ids, rng,
             jnp.float32(temperature), jnp.int32(top_k), jnp.float32(top_p), jnp.asarray(eos),
             jnp.asarray(suppress),
             patch_segments=uniform,
             num_samples=num_samples, max_new_tokens=max_new_tokens)
-    prompt_index = jnp.repeat(jnp.arange(input_ids.shape[0], dtype=jnp.int32), num_samples)
+    prompt_index = jnp.repeat(jnp.arange(tokens.shape[0] // num_samples, dtype=jnp.int32), num_samples)
     return Rollouts(tokens, logprobs, mask, truncated, prompt_index, mask.sum(-1))

@@ -141,8 +141,14 @@ def batch_sharding(mesh: Mesh, ndim: int, batch_dim: int = 0) -> NamedSharding:
 
 
 def shard_batch(mesh: Mesh, array: np.ndarray | jax.Array, batch_dim: int = 0) -> jax.Array:
-    """Place a host batch on the mesh, split along `batch_dim` (which must divide by data*fsdp)."""
-    n = mesh.shape["data"] * mesh.shape["fsdp"]
+    """Place a batch on the mesh, split along `batch_dim` over (data, fsdp). With several processes `array` is
+    this process's rows (`mr1jax.distributed.to_global`); they must split over its share of the batch devices."""
+    from mr1jax import distributed
+
+    n = max(1, mesh.shape["data"] * mesh.shape["fsdp"] // jax.process_count())
+    if isinstance(array, jax.Array) and not array.is_fully_addressable:
+        return jax.device_put(array, batch_sharding(mesh, array.ndim, batch_dim))
     if array.shape[batch_dim] % n:
-        raise ValueError(f"batch dimension {array.shape[batch_dim]} is not divisible by data*fsdp = {n}")
-    return jax.device_put(array, batch_sharding(mesh, array.ndim, batch_dim))
+        raise ValueError(f"batch dimension {array.shape[batch_dim]} is not divisible by data*fsdp = {n}"
+                         + (" (per process)" if jax.process_count() > 1 else ""))
+    return distributed.to_global(array, batch_sharding(mesh, array.ndim, batch_dim), batch_dim)

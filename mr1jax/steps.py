@@ -28,6 +28,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from mr1jax import distributed
 from mr1jax import sharding as shd
 from mr1jax.models.qwen2_vl.config import Qwen2VLConfig
 from mr1jax.rl.update import GRPOConfig, SFTConfig, grpo_update, sft_update, token_logprobs
@@ -108,9 +109,19 @@ def batch_shardings(keys: Iterable[str], mesh: Mesh) -> dict[str, NamedSharding]
 
 
 def put_batch(batch: dict[str, Any], mesh: Mesh) -> dict[str, jax.Array]:
-    """Place a host (numpy) or device batch on the mesh with `batch_shardings`."""
+    """Place a host (numpy) or device batch on the mesh with `batch_shardings`. With several processes a host
+    batch holds this process's rows, which become its part of the global batch (`distributed.to_global`)."""
     sh = batch_shardings(batch, mesh)
-    return {k: jax.device_put(v, sh[k]) for k, v in batch.items()}
+    return {k: distributed.to_global(v, sh[k], 1 if k == "position_ids" else 0) for k, v in batch.items()}
+
+
+def jit_advantages(mesh: Mesh, num_samples: int, scale: str):
+    """rewards [R] (rows over the batch axes) -> advantages [R], on device from the global rewards, so every
+    process uses the same values (`mr1jax.rl.group_advantages`)."""
+    from mr1jax.rl import group_advantages
+
+    rows = NamedSharding(mesh, P(shd.BATCH_AXES))
+    return jax.jit(lambda r: group_advantages(r, num_samples, scale=scale), in_shardings=rows, out_shardings=rows)
 
 
 def _patches_per_image(config: Qwen2VLConfig, image_size: int) -> int:

@@ -15,6 +15,7 @@ stay importable from here.
 from __future__ import annotations
 
 import collections
+import contextlib
 import json
 import os
 import socket
@@ -30,10 +31,10 @@ import numpy as np
 import optax
 from flax import nnx
 
-from mr1jax import sharding
+from mr1jax import distributed, sharding
 from mr1jax import steps as st
 from mr1jax.build import build_model, build_rows, model_dtypes
-from mr1jax.checkpoint import Checkpointer, PreemptionGuard, WorkdirLock
+from mr1jax.checkpoint import Checkpointer, PreemptionGuard, WorkdirLock, WorkdirLockedError
 from mr1jax.config import (ConfigError, beta_schedule, log_every, make_optimizer, phase_steps,  # noqa: F401
                            run_dir_conflicts, uses_kl, validate_config)
 from mr1jax.data.pipeline import make_rl_dataset
@@ -78,7 +79,12 @@ def make_optimizers(c: ml_collections.ConfigDict) -> tuple[optax.GradientTransfo
 
 def check_mesh_fits(c: ml_collections.ConfigDict, mesh) -> list[str]:
     """ConfigError unless every batch splits over the mesh's (data, fsdp) devices; returns warnings for
-    micro-batches that do not split evenly."""
+    micro-batches that do not split evenly. With several processes, the prompts of a step and the batch devices
+    must split evenly over the processes (each owns whole prompt groups on its own devices)."""
+    n, batch_devices = jax.process_count(), mesh.shape["data"] * mesh.shape["fsdp"]
+    if n > 1 and (c.data.batch_size % n or batch_devices % n):
+        raise ConfigError(f"config.data.batch_size = {c.data.batch_size} and the mesh's data x fsdp = {batch_devices} "
+                          f"devices must both divide by the {n} processes")
     checks = [(c.data.batch_size // c.rl.minibatches, c.rl.micro_batches,
                "config.data.batch_size / rl.minibatches / rl.micro_batches")]
     if phase_steps(c)[0]:
@@ -227,20 +233,44 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, devic
     checkpoint (if any) restored. Raises TrainingDivergedError after `optim.max_consecutive_skips` non-finite
     steps in a row."""
     stages = validate_config(config)
+    distributed.initialize(config.get("distributed"))             # several processes: join them (before devices)
     os.makedirs(workdir, exist_ok=True)
-    with WorkdirLock(workdir):
+    with _lock_workdir(workdir):
         check_run_dir(config, workdir)
-        record_run_start(config, workdir)
+        if distributed.is_primary():
+            record_run_start(config, workdir)
         return _train(config, workdir, stages, devices)
+
+
+@contextlib.contextmanager
+def _lock_workdir(workdir: str):
+    """`WorkdirLock` held by process 0 for the whole run; every process stops if it cannot be taken."""
+    lock, problem = WorkdirLock(workdir), None
+    if distributed.is_primary():
+        try:
+            lock.acquire()
+        except WorkdirLockedError as e:
+            problem = e
+    if distributed.any_process(problem is not None):
+        raise problem or WorkdirLockedError(f"{workdir} is in use by another run (process 0 could not lock it)")
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def _train(c: ml_collections.ConfigDict, workdir: str, stages, devices) -> dict[str, Any]:
     t_start = time.perf_counter()
+    primary, processes = distributed.is_primary(), jax.process_count()
 
-    def say(msg: str) -> None:
-        print(f"[{time.perf_counter() - t_start:7.1f}s] {msg}", flush=True)
+    def say(msg: str, every_process: bool = False) -> None:          # one writer: process 0 (and startup lines)
+        if primary or every_process:
+            tag = f"[p{jax.process_index()}] " if processes > 1 else ""
+            print(f"{tag}[{time.perf_counter() - t_start:7.1f}s] {msg}", flush=True)
 
     # ---- mesh, model, optimizers, state
+    if processes > 1:
+        say(distributed.describe(), every_process=True)
     mesh = sharding.make_mesh(dict(c.mesh), devices)
     say(f"mesh {dict(mesh.shape)} on {mesh.size} {jax.devices()[0].platform} device(s); building model")
     for warning in check_mesh_fits(c, mesh):
@@ -262,14 +292,16 @@ def _train(c: ml_collections.ConfigDict, workdir: str, stages, devices) -> dict[
 
     # ---- data
     train_rows, eval_rows = build_rows(c, "train"), build_rows(c, "eval")
+    local_prompts = c.data.batch_size // processes                  # this process's share of every batch
     data_iter = iter(make_rl_dataset(
-        train_rows, tokenizer=tokenizer, batch_size=c.data.batch_size, image_size=c.data.image_size,
+        train_rows, tokenizer=tokenizer, batch_size=local_prompts, image_size=c.data.image_size,
         prompt_buckets=(c.data.prompt_bucket,), seed=c.seed, question_template=c.data.question_template,
-        pad_to_max_bucket=True, skip_bad_rows=c.data.skip_bad_rows))
+        pad_to_max_bucket=True, skip_bad_rows=c.data.skip_bad_rows, shard_index=jax.process_index(),
+        shard_count=processes))
     sft_trace = annotator_trace(c.sft.annotator_miss_rate, c.sft.annotator_min_count, c.seed)
     sft_len = c.data.prompt_bucket + max(s.max_new_tokens for s in stages)
     say(f"data: {len(train_rows)} train rows, {len(eval_rows) if eval_rows is not None else 'no'} eval rows, "
-        f"{c.data.batch_size} prompts per step")
+        f"{c.data.batch_size} prompts per step" + (f" ({local_prompts} per process)" if processes > 1 else ""))
 
     # ---- checkpoint / resume
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=c.checkpoint.max_to_keep,
@@ -281,8 +313,9 @@ def _train(c: ml_collections.ConfigDict, workdir: str, stages, devices) -> dict[
     elapsed = lambda: elapsed_before + time.perf_counter() - t_start  # noqa: E731
     if start:
         say(f"resumed from step {start} ({ckpt.directory})")
-    truncate_metrics(workdir, start)                  # steps after the checkpoint are redone: drop their lines
-    write_config(c, workdir)
+    if primary:
+        truncate_metrics(workdir, start)              # steps after the checkpoint are redone: drop their lines
+        write_config(c, workdir)
     beta_of = beta_schedule(c)
     policy = lambda: nnx.merge(graphdef, state.params)  # noqa: E731  (the model on the current parameters)
     evaluate_all = lambda stage: evaluate_tasks(policy(), tokenizer, eval_rows, c,  # noqa: E731
@@ -296,7 +329,7 @@ def _train(c: ml_collections.ConfigDict, workdir: str, stages, devices) -> dict[
                   data_iterator=data_iter)            # raises NonFiniteStateError (saving nothing) on NaN / inf
 
     # ---- the loop
-    writer = MetricsWriter(workdir)
+    writer = MetricsWriter(workdir, enabled=primary)
     before_rl, last, step_times = read_before_rl(workdir), {}, []
     end = total if c.max_steps < 0 else min(total, start + c.max_steps)
     every = log_every(c)
@@ -308,10 +341,12 @@ def _train(c: ml_collections.ConfigDict, workdir: str, stages, devices) -> dict[
         before_rl = evaluate_all(stages[0])
         log_before_rl(writer, 0, before_rl, say)
     with PreemptionGuard() as guard:
-        while state.step < end and not guard.requested:
+        stop = False
+        while state.step < end and not stop:
             if state.step < sft_steps:
-                examples = sft_examples_for_step(train_rows, state.step, c.data.batch_size, c.seed)
-                spare = sft_examples_for_step(train_rows, state.step + 1, c.data.batch_size, c.seed) \
+                share = slice(jax.process_index() * local_prompts, (jax.process_index() + 1) * local_prompts)
+                examples = sft_examples_for_step(train_rows, state.step, c.data.batch_size, c.seed)[share]
+                spare = sft_examples_for_step(train_rows, state.step + 1, c.data.batch_size, c.seed)[share] \
                     if c.data.skip_bad_rows else ()              # replacements for bad rows, deterministic
                 state, last = sft_step(state, fns, tokenizer, model_config, examples, c=c,
                                        seq_len=sft_len, response_fn=sft_trace, spare=spare)
@@ -352,13 +387,15 @@ def _train(c: ml_collections.ConfigDict, workdir: str, stages, devices) -> dict[
                 ev = evaluate(policy(), tokenizer, eval_rows, c, eval_max_new_tokens(c, stage), mesh)
                 writer.write(step, ev)
                 say("eval " + " ".join(f"{k} {v:.3f}" for k, v in ev.items()))
-            if (guard.requested or step % c.checkpoint.every_steps == 0 or step in (end, sft_steps)
+            stop = distributed.any_process(guard.requested)   # a SIGTERM on any process: all save this step
+            if (stop or step % c.checkpoint.every_steps == 0 or step in (end, sft_steps)
                     or (step > sft_steps and is_stage_boundary(stages, step - sft_steps))):
                 save(state)
-    if guard.requested:
+    if stop:
         ckpt.close()
         writer.close()
-        say(f"{guard.signal_name}: saved checkpoint at step {state.step}; exiting with status {EXIT_PREEMPTED}")
+        say(f"{guard.signal_name or 'SIGTERM on another process'}: saved checkpoint at step {state.step}; exiting "
+            f"with status {EXIT_PREEMPTED}", every_process=True)
         return dict(last, preempted=True)
 
     # ---- final evaluation, summary, export
@@ -368,7 +405,7 @@ def _train(c: ml_collections.ConfigDict, workdir: str, stages, devices) -> dict[
     writer.write(end, ev)
     for t, m in after.items():
         say(f"final eval, {t}: " + " ".join(f"{k} {v:.3f}" for k, v in m.items()))
-    if end == total:
+    if end == total and primary:
         summary = write_summary(workdir, c, before_rl, after, elapsed())
         for t, m in summary["tasks"].items():
             if m["accuracy_gain"] is not None:
@@ -378,8 +415,9 @@ def _train(c: ml_collections.ConfigDict, workdir: str, stages, devices) -> dict[
     ckpt.close()
     writer.close()
     if c.export_hf and end == total:
-        save_pretrained(policy(), os.path.join(workdir, "hf"), save_dtype=compute_dtype)
-        tokenizer.save_pretrained(os.path.join(workdir, "hf"))
+        save_pretrained(policy(), os.path.join(workdir, "hf"), save_dtype=compute_dtype)   # every process gathers
+        if primary:
+            tokenizer.save_pretrained(os.path.join(workdir, "hf"))
         say(f"exported Hugging Face directory {os.path.join(workdir, 'hf')}")
     rw.close_default_runner()
     counts = fns.compile_counts()

@@ -70,6 +70,11 @@ class StepFunctions:
         with jax.set_mesh(self.mesh):
             return fn(params, batch)
 
+    def advantages(self, rewards, num_samples: int, scale: str):
+        """Group advantages [R] from the global rewards [R], on device (`mr1jax.steps.jit_advantages`)."""
+        return self._get(("advantages", num_samples, scale), lambda: st.jit_advantages(self.mesh, num_samples, scale))(
+            rewards)
+
     def compile_counts(self) -> dict[str, int]:
         """{step name: executables compiled}, summed over the step's static configurations."""
         out: dict[str, int] = {}
@@ -127,6 +132,7 @@ def rl_step(state: st.TrainState, fns: StepFunctions, tokenizer, prompts, stage:
     host, info = rollout_batch(policy, tokenizer, prompts, stage, c, sample_rng, fns.mesh)
     t1 = time.perf_counter()
     batch = st.put_batch(host, fns.mesh)
+    batch["advantages"] = fns.advantages(batch.pop("rewards"), stage.num_samples, c.rl.advantage_scale)
     whole = grpo_config(c, stage, whole_batch=True)
     if state.ref_params is not None:
         batch["ref_logps"] = fns.logprobs(state.ref_params, batch, whole, "ref")

@@ -396,6 +396,7 @@ def run_grpo(model: Qwen2VL, args, *, peak_label: str, n_cores: int,
                                    jax.random.key(holder["n"]), mesh)
         t1 = time.perf_counter()
         batch = st.put_batch(host, mesh)
+        batch["advantages"] = fns.advantages(batch.pop("rewards"), stage.num_samples, c.rl.advantage_scale)
         batch["ref_logps"] = fns.logprobs(s.ref_params, batch, whole, "ref")
         jax.block_until_ready(batch)
         t2 = time.perf_counter()

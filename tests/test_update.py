@@ -47,7 +47,7 @@ def setup():
                          seed=0, question_template=c.data.question_template, pad_to_max_bucket=True)
     prompts = next(iter(ds))
     batch, _ = rollout_batch(model, tok, prompts, Stage(T, G, 1), c, jax.random.key(1))
-    batch = {k: np.asarray(v) for k, v in batch.items()}
+    batch = {k: np.asarray(v) for k, v in batch.items() if k != "rewards"}
     ref = _model(tok, seed=7)
     batch["ref_logps"] = np.asarray(_logps(*nnx.split(ref), batch, cfg=gcfg()))
     batch["advantages"] = np.random.default_rng(0).normal(size=PROMPTS * G).astype(np.float32)

@@ -255,6 +255,17 @@ class _PrepareExample:
         }
 
 
+class _ShareOfBatches:
+    """Element ``j`` of process ``index``'s share: row ``index * b + j % b`` of global batch ``j // b`` (global
+    batches of ``b * count`` consecutive elements of `ds`)."""
+
+    def __init__(self, ds: grain.MapDataset, b: int, index: int, count: int):
+        self.ds, self.b, self.index, self.count = ds, b, index, count
+
+    def __call__(self, j: int):
+        return self.ds[(j // self.b) * self.b * self.count + self.index * self.b + j % self.b]
+
+
 def _as_list(elements: Sequence[Any]) -> list[Any]:
     return list(elements)
 
@@ -318,6 +329,8 @@ def make_rl_dataset(
     pad_to_max_bucket: bool = False,
     read_threads: int = 4,
     prefetch_buffer_size: int | None = None,
+    shard_index: int = 0,
+    shard_count: int = 1,
 ) -> grain.IterDataset:
     """Build the RL prompt pipeline (see the module docstring for the graph and guarantees).
 
@@ -343,6 +356,12 @@ def make_rl_dataset(
       pad_to_max_bucket: pad every batch to ``max(prompt_buckets)`` (one static shape).
       read_threads: threads decoding/preprocessing images.
       prefetch_buffer_size: examples read ahead (default ``2 * batch_size``).
+      shard_index, shard_count: this process's share of a multi-process run (`jax.process_index()`,
+        `jax.process_count()`). Rows are shuffled with the same seed on every process and cut into global
+        batches of ``batch_size * shard_count``; process ``i`` reads and builds only the ``i``-th
+        ``batch_size`` rows of each, so the processes' shares are disjoint, cover every row once per
+        epoch, give the same global batches as one process would, and every process yields the same
+        number of batches. ``batch_size`` is the per-process number of prompts.
 
     Returns:
       A ``grain.IterDataset`` of :class:`RLBatch`; ``iter()`` gives a checkpointable iterator
@@ -379,10 +398,16 @@ def make_rl_dataset(
     if num_epochs is not None and len(rows) * num_epochs < batch_size:
         raise ValueError(f"{len(rows)} row(s) x {num_epochs} epoch(s) cannot fill one batch of {batch_size}")
 
+    if not 0 <= shard_index < shard_count:
+        raise ValueError(f"shard_index must be in [0, shard_count = {shard_count}), got {shard_index}")
     ds = grain.MapDataset.source(rows)
     if shuffle:
         ds = ds.shuffle(seed=int(seed))
     ds = ds.repeat(num_epochs)
+    if shard_count > 1:
+        per_global = int(batch_size) * shard_count
+        ds = grain.MapDataset.range((len(ds) // per_global) * int(batch_size)).map(
+            _ShareOfBatches(ds, int(batch_size), int(shard_index), shard_count))
     ds = ds.map(_PrepareExample(image_hw, skip_bad_rows))
     read_options = grain.ReadOptions(
         num_threads=max(1, int(read_threads)),

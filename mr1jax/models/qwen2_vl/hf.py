@@ -25,6 +25,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
+from mr1jax import distributed
 from mr1jax import sharding as shd
 from mr1jax.models.qwen2_vl.config import Qwen2VLConfig
 from mr1jax.models.qwen2_vl.model import Qwen2VL
@@ -262,7 +263,8 @@ def load_pretrained(path: str | os.PathLike, *, dtype=jnp.bfloat16, param_dtype=
 
 
 def iter_hf_tensors(model: Qwen2VL, save_dtype=None) -> Iterator[tuple[str, np.ndarray]]:
-    """Yield (HF name, host array in HF layout) for every parameter, one tensor gathered at a time.
+    """Yield (HF name, host array in HF layout) for every parameter, one tensor gathered at a time (a parameter
+    spread over several processes' devices is gathered by all of them: every process must iterate).
 
     Stacked (scanned) layer parameters are unstacked into one tensor per layer, in layer order.
     """
@@ -273,7 +275,7 @@ def iter_hf_tensors(model: Qwen2VL, save_dtype=None) -> Iterator[tuple[str, np.n
         value = var[...]
         slices = [(name, value)] if names is None else [(n, value[i]) for i, n in enumerate(names)]
         for one, part in slices:
-            arr = np.asarray(jax.device_get(part))
+            arr = distributed.fetch(part)
             if save_dtype is not None:
                 arr = arr.astype(save_dtype)
             yield one, np.ascontiguousarray(to_hf_layout(arr, kind, _hf_shape(arr.shape, kind, cfg)))
@@ -283,10 +285,16 @@ def save_pretrained(model: Qwen2VL, path: str | os.PathLike, *, max_shard_bytes:
                     save_dtype=None) -> None:
     """Write `model` as a Hugging Face directory (config.json, generation_config.json, safetensors).
 
+    With several processes, every process calls it (parameters are gathered tensor by tensor into host memory,
+    never onto one host's devices) and process 0 writes.
     Files above `max_shard_bytes` are split into ``model-0000k-of-0000n.safetensors`` with an index.
     `save_dtype` (e.g. jnp.bfloat16) casts on write; default keeps the parameter dtype.
     """
     path = os.fspath(path)
+    if not distributed.is_primary():                  # every process gathers (collectives), process 0 writes
+        for _ in iter_hf_tensors(model, save_dtype):
+            pass
+        return
     os.makedirs(path, exist_ok=True)
     cfg = model.config
     shards: list[dict[str, np.ndarray]] = [{}]
