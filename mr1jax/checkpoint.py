@@ -25,7 +25,6 @@ import errno
 import fcntl
 import json
 import os
-import shutil
 import signal
 import socket
 import sys
@@ -38,6 +37,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
+
+from mr1jax import distributed
 
 
 class CheckpointMismatchError(ValueError):
@@ -50,6 +52,12 @@ class CheckpointCorruptError(RuntimeError):
 
 class NonFiniteStateError(RuntimeError):
     """The state to save holds NaN or inf values (it is never written)."""
+
+
+def _absolute(path: str | os.PathLike) -> str:
+    """`path` made absolute when it is local; URLs (``gs://bucket/run``, any `etils.epath` file system) as given."""
+    text = os.fspath(path)
+    return text if "://" in text else os.path.abspath(text)
 
 
 def _key_name(key: Any) -> str:
@@ -126,7 +134,7 @@ class Checkpointer:
     """
 
     def __init__(self, directory: str | os.PathLike, *, max_to_keep: int = 3, async_save: bool = True):
-        self.directory = os.path.abspath(os.fspath(directory))
+        self.directory = _absolute(directory)
         self.bad_directory = self.directory.rstrip("/") + "_bad"
         options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
                                                enable_async_checkpointing=async_save)
@@ -215,12 +223,14 @@ class Checkpointer:
 
     def quarantine(self, step: int) -> str:
         """Move checkpoint `step` out of the manager's directory (to `bad_directory`); returns where to."""
-        src = os.path.join(self.directory, str(step))
-        dest = os.path.join(self.bad_directory, f"{step}-{time.strftime('%Y%m%d-%H%M%S')}")
-        os.makedirs(self.bad_directory, exist_ok=True)
-        shutil.move(src, dest)
+        src = epath.Path(self.directory) / str(step)
+        dest = epath.Path(self.bad_directory) / f"{step}-{time.strftime('%Y%m%d-%H%M%S')}"
+        if distributed.is_primary():                      # one process moves it; the others wait and re-list
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            src.rename(dest)
+        distributed.sync(f"mr1jax_quarantine_{step}")
         self.manager.reload()
-        return dest
+        return os.fspath(dest)
 
     def read_meta(self, step: int) -> dict[str, Any]:
         """Checkpoint `step`'s meta dict (with ``fingerprints``); CheckpointCorruptError naming the file when it
@@ -323,13 +333,15 @@ class WorkdirLock:
     The kernel drops the lock when the holding process exits in any way (exception, SIGTERM, SIGKILL), so a
     lock left by a dead run is never stale: the file stays, its lock does not. `acquire` raises
     WorkdirLockedError naming the holder when a live process has it. (flock on a network file system is only
-    as good as that file system's lock support.)"""
+    as good as that file system's lock support; a work dir on an object store, gs://..., is not locked.)"""
 
     def __init__(self, workdir: str | os.PathLike):
         self.path = os.path.join(os.fspath(workdir), "run.lock")
         self._fd: int | None = None
 
     def acquire(self) -> "WorkdirLock":
+        if "://" in self.path:           # object stores have no locks: the scheduler must run one job per dir
+            return self
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

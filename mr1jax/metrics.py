@@ -8,8 +8,14 @@ import os
 from typing import Any
 
 import numpy as np
+from etils import epath
 
 from mr1jax.config import main_task_name, phase_steps
+
+
+def is_url(path: str | os.PathLike) -> bool:
+    """A work dir on an object store or other `etils.epath` file system (``gs://...``), not a local path."""
+    return "://" in os.fspath(path)
 
 
 def recent_step_time(times: list[float]) -> float:
@@ -22,9 +28,9 @@ def read_before_rl(workdir: str) -> dict[str, dict[str, float]]:
 
     Logged as ``before_rl/<task>/<metric>``; returns {task: {metric: value}}.
     """
-    path = os.path.join(workdir, "metrics.jsonl")
+    path = epath.Path(workdir) / "metrics.jsonl"
     out: dict[str, dict[str, float]] = {}
-    if os.path.exists(path):
+    if path.exists():
         for row in _rows(path):
             for k, v in row.items():
                 if k.startswith("before_rl/"):
@@ -36,7 +42,7 @@ def read_before_rl(workdir: str) -> dict[str, dict[str, float]]:
 def _rows(path: str) -> list[dict[str, Any]]:
     """The JSON objects of a metrics.jsonl, leaving out a line cut short by a kill mid-write."""
     rows = []
-    with open(path) as f:
+    with epath.Path(path).open() as f:
         for line in f:
             try:
                 row = json.loads(line)
@@ -50,11 +56,10 @@ def _rows(path: str) -> list[dict[str, Any]]:
 def truncate_metrics(workdir: str, step: int) -> int:
     """Drop the lines of `<workdir>/metrics.jsonl` logged after `step` (a resume redoes those steps; from step 0
     every line goes). Returns how many were dropped."""
-    path = os.path.join(workdir, "metrics.jsonl")
-    if not os.path.exists(path):
+    path = epath.Path(workdir) / "metrics.jsonl"
+    if not path.exists():
         return 0
-    with open(path) as f:
-        lines = f.readlines()
+    lines = path.read_text().splitlines(keepends=True)
     keep = []
     for line in lines:
         try:
@@ -64,10 +69,9 @@ def truncate_metrics(workdir: str, step: int) -> int:
         if step and isinstance(row, dict) and row.get("step", 0) <= step:
             keep.append(line if line.endswith("\n") else line + "\n")
     if len(keep) != len(lines):
-        tmp = path + ".tmp"
-        with open(tmp, "w") as f:
-            f.writelines(keep)
-        os.replace(tmp, path)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(keep))
+        tmp.replace(path)
     return len(lines) - len(keep)
 
 
@@ -104,8 +108,7 @@ def write_summary(workdir: str, c, before: dict[str, dict[str, float]], after: d
                "seed": c.seed, "sft_steps": sft_steps, "rl_steps": rl_steps, "beta_schedule": c.rl.beta_schedule,
                "wall_time_s": round(wall_s, 1), "before_rl": before.get(main, {}), "after_rl": after.get(main, {}),
                "tasks": tasks}
-    with open(os.path.join(workdir, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=2)
+    (epath.Path(workdir) / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
 
 
@@ -114,9 +117,12 @@ class MetricsWriter:
     but process 0 of a multi-process run) writes nothing."""
 
     def __init__(self, workdir: str, enabled: bool = True):
-        self.path = os.path.join(workdir, "metrics.jsonl")
-        self.enabled, self.file, self.tb = enabled, None, None
+        self.path = epath.Path(workdir) / "metrics.jsonl"
+        self.enabled, self.file, self.tb, self.lines = enabled, None, None, None
         if not enabled:                                       # not process 0 of a multi-process run: no files
+            return
+        if is_url(workdir):       # object stores cannot append: keep the lines, rewrite the file; no TensorBoard
+            self.lines = self.path.read_text().splitlines(keepends=True) if self.path.exists() else []
             return
         self.file = open(self.path, "a")
         try:
@@ -129,6 +135,10 @@ class MetricsWriter:
         if not self.enabled:
             return
         row = {"step": step, **{k: json_value(v) for k, v in metrics.items()}}
+        if self.lines is not None:
+            self.lines.append(json.dumps(row) + "\n")
+            self.path.write_text("".join(self.lines))
+            return
         self.file.write(json.dumps(row) + "\n")
         self.file.flush()
         if self.tb is not None:
@@ -138,7 +148,7 @@ class MetricsWriter:
             self.tb.flush()
 
     def close(self) -> None:
-        if not self.enabled:
+        if self.file is None:
             return
         self.file.close()
         if self.tb is not None:

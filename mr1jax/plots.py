@@ -5,13 +5,15 @@ from __future__ import annotations
 import json
 import os
 
+from etils import epath
+
 PANELS = (("reward", "reward"), ("accuracy", "train accuracy"), ("beta", "KL coefficient beta"),
           ("kl", "KL to reference"), ("completion_len", "completion length"))
 
 
 def read_metrics(workdir: str) -> list[dict]:
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    text = (epath.Path(workdir) / "metrics.jsonl").read_text()
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
 def plot_curves(workdir: str, out: str | None = None) -> str:
@@ -46,6 +48,7 @@ def plot_curves(workdir: str, out: str | None = None) -> str:
     ax.legend()
     fig.tight_layout()
     out = out or os.path.join(workdir, "curves.png")
-    fig.savefig(out, dpi=90)
+    with epath.Path(out).open("wb") as f:                  # any epath file system (gs://...)
+        fig.savefig(f, dpi=90, format="png")
     plt.close(fig)
     return out

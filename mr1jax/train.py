@@ -20,6 +20,7 @@ import json
 import os
 import socket
 import sys
+import tempfile
 import time
 from typing import Any
 
@@ -27,6 +28,7 @@ os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")  # "PyTorch was 
 
 import jax
 import ml_collections
+from etils import epath
 import numpy as np
 import optax
 from flax import nnx
@@ -40,7 +42,7 @@ from mr1jax.config import (ConfigError, beta_schedule, log_every, make_optimizer
 from mr1jax.data.pipeline import make_rl_dataset
 from mr1jax.data.sft import annotator_trace, sft_examples_for_step
 from mr1jax.evaluation import eval_max_new_tokens, evaluate, evaluate_tasks, sample_completions  # noqa: F401
-from mr1jax.metrics import (MetricsWriter, log_before_rl, read_before_rl, recent_step_time, truncate_metrics,
+from mr1jax.metrics import (MetricsWriter, is_url, log_before_rl, read_before_rl, recent_step_time, truncate_metrics,
                             write_summary)
 from mr1jax.models.qwen2_vl.hf import save_pretrained
 from mr1jax.plots import plot_curves
@@ -137,12 +139,11 @@ def restore_state(ckpt: Checkpointer, state: st.TrainState, data_iter, *, with_r
 def check_run_dir(c: ml_collections.ConfigDict, workdir: str) -> None:
     """ConfigError, before anything in `workdir` is touched, when the run already there has another model or
     data shape (`mr1jax.config.run_dir_conflicts`)."""
-    path = os.path.join(workdir, "config.json")
-    if not os.path.exists(path):
+    path = epath.Path(workdir) / "config.json"
+    if not path.exists():
         return
     try:
-        with open(path) as f:
-            saved = json.load(f)
+        saved = json.loads(path.read_text())
     except (OSError, ValueError) as e:
         raise ConfigError(f"{path} is unreadable ({e}); it describes the run in {workdir}: repair or remove it") \
             from None
@@ -156,16 +157,33 @@ def record_run_start(c: ml_collections.ConfigDict, workdir: str) -> None:
     """Append this start (time, host, pid, command line, config) to `<workdir>/runs.jsonl`."""
     entry = {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "host": socket.gethostname(), "pid": os.getpid(),
              "argv": sys.argv, "config": json.loads(c.to_json_best_effort())}
-    with open(os.path.join(workdir, "runs.jsonl"), "a") as f:
-        f.write(json.dumps(entry) + "\n")
+    path = epath.Path(workdir) / "runs.jsonl"
+    before = path.read_text() if path.exists() else ""      # rewritten whole: object stores cannot append
+    path.write_text(before + json.dumps(entry) + "\n")
+
+
+def export_hf(model, tokenizer, path: str, dtype) -> None:
+    """`save_pretrained` + the tokenizer into `path` (every process takes part, process 0 writes); an object-store
+    path (gs://...) is written locally first and copied up file by file."""
+    if not is_url(path):
+        save_pretrained(model, path, save_dtype=dtype)
+        if distributed.is_primary():
+            tokenizer.save_pretrained(path)
+        return
+    with tempfile.TemporaryDirectory() as local:
+        save_pretrained(model, local, save_dtype=dtype)
+        if distributed.is_primary():
+            tokenizer.save_pretrained(local)
+            epath.Path(path).mkdir(parents=True, exist_ok=True)
+            for name in os.listdir(local):
+                epath.Path(local, name).copy(epath.Path(path) / name, overwrite=True)
 
 
 def write_config(c: ml_collections.ConfigDict, workdir: str) -> None:
     """`<workdir>/config.json` (what export / eval rebuild the model from), replaced atomically."""
-    tmp = os.path.join(workdir, f".config.json.{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(c.to_json_best_effort(indent=2))
-    os.replace(tmp, os.path.join(workdir, "config.json"))
+    tmp = epath.Path(workdir) / f".config.json.{os.getpid()}"
+    tmp.write_text(c.to_json_best_effort(indent=2))
+    tmp.replace(epath.Path(workdir) / "config.json")
 
 
 class StepWatch:
@@ -234,7 +252,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, devic
     steps in a row."""
     stages = validate_config(config)
     distributed.initialize(config.get("distributed"))             # several processes: join them (before devices)
-    os.makedirs(workdir, exist_ok=True)
+    epath.Path(workdir).mkdir(parents=True, exist_ok=True)       # local, or any etils.epath file system (gs://)
     with _lock_workdir(workdir):
         check_run_dir(config, workdir)
         if distributed.is_primary():
@@ -415,9 +433,7 @@ def _train(c: ml_collections.ConfigDict, workdir: str, stages, devices) -> dict[
     ckpt.close()
     writer.close()
     if c.export_hf and end == total:
-        save_pretrained(policy(), os.path.join(workdir, "hf"), save_dtype=compute_dtype)   # every process gathers
-        if primary:
-            tokenizer.save_pretrained(os.path.join(workdir, "hf"))
+        export_hf(policy(), tokenizer, os.path.join(workdir, "hf"), compute_dtype)     # every process gathers
         say(f"exported Hugging Face directory {os.path.join(workdir, 'hf')}")
     rw.close_default_runner()
     counts = fns.compile_counts()
