@@ -2,7 +2,8 @@
 
 Graph built by :func:`make_rl_dataset`::
 
-    MapDataset.source(rows)                  # rows whose prompt fits max(prompt_buckets)
+    MapDataset.source(rows)                  # rows whose prompt fits max(prompt_buckets); with shard_count
+                                             #   n > 1 only this process's share (see Sharding)
       .shuffle(seed)                         # a fresh permutation per epoch (seed + epoch)
       .repeat(num_epochs)                    # None: forever
       .map(_PrepareExample)                  # decode + resize to image_size + patchify (threads)
@@ -27,6 +28,18 @@ matter; with workers each one batches a strided slice of the shuffled rows, so c
 ``num_epochs=None`` a batch may straddle an epoch boundary; with a finite ``num_epochs`` the
 last incomplete batch is dropped.
 
+Sharding (multi-host). With ``shard_index=i, shard_count=n`` process ``i`` reads rows ``i, i + n, i + 2n, ...``
+of the first ``n * (N // n)`` rows (:func:`shard_indices`: grain's ``ShardOptions`` with ``drop_remainder``,
+strided), so the n processes read disjoint shares that together cover every row once per epoch; the ``N % n``
+rows left over (fewer than ``n``) are dropped on every process, so all shards have the same length and the
+processes produce the same number of batches per epoch (they step in lockstep). Each shuffles its share with
+the same ``seed`` (a fresh permutation per epoch), and its iterator state is its own (checkpoint every
+process's). ``batch_size`` is the process's *local* number of prompts. Without ``skip_bad_rows`` the share
+is taken first and each process checks only its own rows' prompt lengths (a bad row stops the process that
+owns it); with ``skip_bad_rows`` every process checks all rows and splits the kept ones, so the shares stay
+equal. (A row dropped later for an undecodable image, ``skip_bad_rows`` only, shortens that process's epoch
+by one row: with ``num_epochs=None`` nothing else changes.)
+
 Bad rows. Rows are validated cheaply when the source is loaded (``mr1jax.data.rows``). Here,
 before the pipeline is built, every prompt is rendered and tokenized once (text only) and a row
 longer than ``max(prompt_buckets)`` raises :class:`DataError` naming file and row (or is skipped
@@ -49,7 +62,7 @@ from mr1jax.data.chat import IMAGE_PAD_TOKEN, build_messages, format_prompts
 from mr1jax.data.rows import DataError
 from mr1jax.data.vision import num_image_tokens, preprocess_images
 
-__all__ = ["RLBatch", "make_rl_dataset", "patches_per_image", "prepare_source", "render_question"]
+__all__ = ["RLBatch", "make_rl_dataset", "patches_per_image", "prepare_source", "render_question", "shard_indices"]
 
 logger = logging.getLogger(__name__)
 
@@ -151,6 +164,20 @@ class _Rows(Sequence):
         example.setdefault("row", i + 1)
         example.setdefault("id", f"{i}")
         return example
+
+    def text_fields(self, index: int) -> Mapping[str, Any]:
+        return _text_fields(self._source, int(self._indices[index]))
+
+
+def shard_indices(num_rows: int, shard_index: int, shard_count: int) -> np.ndarray:
+    """The rows process ``shard_index`` of ``shard_count`` reads: every ``shard_count``-th row, starting at
+    ``shard_index``, of the first ``shard_count * (num_rows // shard_count)`` (equal shares; the remainder is
+    dropped). Raises ValueError for an index outside ``[0, shard_count)``."""
+    for name, value in (("shard_index", shard_index), ("shard_count", shard_count)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+            raise ValueError(f"{name} must be an integer, got {value!r}")
+    opts = grain.sharding.ShardOptions(int(shard_index), int(shard_count), drop_remainder=True)  # checks the range
+    return np.arange(num_rows - num_rows % opts.shard_count, dtype=np.int64)[opts.shard_index::opts.shard_count]
 
 
 def _text_fields(source: Sequence[Mapping[str, Any]], i: int) -> Mapping[str, Any]:
@@ -318,6 +345,8 @@ def make_rl_dataset(
     pad_to_max_bucket: bool = False,
     read_threads: int = 4,
     prefetch_buffer_size: int | None = None,
+    shard_index: int = 0,
+    shard_count: int = 1,
 ) -> grain.IterDataset:
     """Build the RL prompt pipeline (see the module docstring for the graph and guarantees).
 
@@ -343,6 +372,9 @@ def make_rl_dataset(
       pad_to_max_bucket: pad every batch to ``max(prompt_buckets)`` (one static shape).
       read_threads: threads decoding/preprocessing images.
       prefetch_buffer_size: examples read ahead (default ``2 * batch_size``).
+      shard_index, shard_count: this process reads share ``shard_index`` of ``shard_count`` disjoint, equal
+        shares of the rows (``jax.process_index()``, ``jax.process_count()``; see Sharding in the module
+        docstring); ``batch_size`` is then this process's number of prompts.
 
     Returns:
       A ``grain.IterDataset`` of :class:`RLBatch`; ``iter()`` gives a checkpointable iterator
@@ -367,15 +399,26 @@ def make_rl_dataset(
         raise ValueError(f"question_template must contain '{{question}}', got {question_template!r}")
     if skip_bad_rows is None:
         skip_bad_rows = bool(getattr(source, "skip_bad_rows", False))
+    sharded = shard_count != 1 or shard_index != 0
+    if sharded:
+        shard_indices(0, shard_index, shard_count)  # argument check
+    checked = source
+    if sharded and not skip_bad_rows:  # no row may be dropped: take the share first, check only its rows
+        checked = _Rows(source, shard_indices(len(source), shard_index, shard_count))
 
     rows, _, skipped = prepare_source(
-        source, tokenizer=tokenizer, image_size=image_hw, prompt_buckets=buckets,
+        checked, tokenizer=tokenizer, image_size=image_hw, prompt_buckets=buckets,
         system_prompt=system_prompt, question_template=question_template, skip_bad_rows=skip_bad_rows,
     )
     if skipped:
         logger.warning("skipping %d row(s) whose prompt does not fit; first: %s", len(skipped), skipped[0])
+    if sharded and skip_bad_rows:  # rows were dropped anywhere: split the kept ones, so the shares stay equal
+        rows = _Rows(rows, shard_indices(len(rows), shard_index, shard_count))
+    if sharded:
+        logger.info("shard %d of %d: %d of %d row(s)", shard_index, shard_count, len(rows), len(source))
     if len(rows) == 0:
-        raise ValueError(f"no usable rows: {len(source)} row(s) in the source, {len(skipped)} skipped")
+        share = f", shard {shard_index} of {shard_count}" if sharded else ""
+        raise ValueError(f"no usable rows: {len(source)} row(s) in the source{share}, {len(skipped)} skipped")
     if num_epochs is not None and len(rows) * num_epochs < batch_size:
         raise ValueError(f"{len(rows)} row(s) x {num_epochs} epoch(s) cannot fill one batch of {batch_size}")
 

@@ -17,6 +17,7 @@ from typing import Any, Callable, Iterable, Sequence
 import numpy as np
 
 from mr1jax.data.chat import IMAGE_PAD_TOKEN, build_messages
+from mr1jax.data.pipeline import shard_indices
 from mr1jax.data.rows import DataError
 from mr1jax.data.vision import num_image_tokens, preprocess_images
 
@@ -118,14 +119,23 @@ def sft_batch(tokenizer: Any, examples: Sequence[dict[str, Any]], *, image_size:
                 pixel_values=pixel_values, image_grid_thw=grid)
 
 
-def sft_examples_for_step(rows: Sequence[dict[str, Any]], step: int, batch_size: int, seed: int) -> list[dict]:
-    """The examples of batch `step`: consecutive slices of a per-epoch seeded permutation (drop remainder)."""
-    per_epoch = len(rows) // batch_size
+def sft_examples_for_step(rows: Sequence[dict[str, Any]], step: int, batch_size: int, seed: int,
+                          shard_index: int = 0, shard_count: int = 1) -> list[dict]:
+    """The examples of batch `step`: consecutive slices of a per-epoch seeded permutation (drop remainder).
+
+    With `shard_count` > 1 (multi-host) the rows are first restricted to this process's share, the same split as
+    the RL pipeline (`mr1jax.data.pipeline.shard_indices`: disjoint, equal shares covering every row once per
+    epoch), and `batch_size` is the process's local batch; every process then has the same number of batches
+    per epoch."""
+    index = shard_indices(len(rows), shard_index, shard_count) if (shard_index, shard_count) != (0, 1) \
+        else np.arange(len(rows))
+    per_epoch = len(index) // batch_size
     if per_epoch == 0:
-        raise ValueError(f"{len(rows)} SFT rows do not fill one batch of {batch_size}")
+        share = f" (shard {shard_index} of {shard_count}: {len(index)})" if shard_count != 1 else ""
+        raise ValueError(f"{len(rows)} SFT rows{share} do not fill one batch of {batch_size}")
     epoch, k = divmod(step, per_epoch)
-    order = np.random.default_rng([seed, epoch]).permutation(len(rows))
-    return [rows[int(i)] for i in order[k * batch_size:(k + 1) * batch_size]]
+    order = np.random.default_rng([seed, epoch]).permutation(len(index))
+    return [rows[int(index[i])] for i in order[k * batch_size:(k + 1) * batch_size]]
 
 
 def sft_update_batch(model_config: Any, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

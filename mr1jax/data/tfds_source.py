@@ -135,7 +135,13 @@ class TfdsSource(Sequence):
     def __getitem__(self, index):  # type: ignore[override]
         if isinstance(index, slice):
             return [self[i] for i in range(*index.indices(len(self)))]
-        return self._row(self._source[int(index)])
+        index = int(index)
+        if not -len(self) <= index < len(self):
+            raise IndexError(f"row {index} out of range for {len(self)} rows")
+        return self._row(self._source[index % len(self)])
+
+    def __iter__(self):
+        return (self[i] for i in range(len(self)))
 
     def __getitems__(self, indices: Sequence[int]) -> list[dict[str, Any]]:
         return [self._row(r) for r in self._source.__getitems__([int(i) for i in indices])]
