@@ -30,6 +30,7 @@ so a prepared dataset is deterministic and its order easy to check; the training
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
 import io
 import logging
@@ -89,6 +90,10 @@ class Progress:
         self.log = log or logger.info
         self.t0 = time.perf_counter()
 
+    def start(self) -> None:
+        """Restart the clock (when the first row is about to be written)."""
+        self.t0 = time.perf_counter()
+
     def tick(self) -> None:
         self.count += 1
         if self.count % self.every == 0:
@@ -102,8 +107,13 @@ class Progress:
                  f"({self.rate():.0f} rows/s)")
 
 
-def _records(rows: Sequence[Mapping[str, Any]], progress: Progress | None) -> Iterable[tuple[int, dict]]:
-    """``(key, record)`` for every row, in order; the key is the row's index (written in key order)."""
+def _records(rows: Sequence[Mapping[str, Any]] | Callable[[], Sequence[Mapping[str, Any]]],
+             progress: Progress | None) -> Iterable[tuple[int, dict]]:
+    """``(key, record)`` for every row, in order; the key is the row's index (written in key order). ``rows``
+    may be a function returning them, called when the split is written."""
+    rows = rows() if callable(rows) else rows
+    if progress is not None:
+        progress.start()
     for i in range(len(rows)):
         example = rows[i]
         file, row = str(example.get("file", "<in-memory rows>")), example.get("row", i + 1)
@@ -207,15 +217,19 @@ class _TaskBuilder(_Mr1jaxBuilder, skip_registration=True):
 
     def _split_generators(self, dl_manager):
         del dl_manager
+        cfg: TaskConfig = self.builder_config
+        return {split: _records(functools.partial(self._rows, split, num), self._progress(split))
+                for split, num in (("train", cfg.num_train), ("test", cfg.num_test))}
+
+    def _rows(self, split: str, num: int) -> _TaskRows:
+        """The split's rows, generated when the split is written (one split in memory at a time)."""
         from mr1jax.data.tasks import TASKS
 
         cfg: TaskConfig = self.builder_config
-        out = {}
-        for split, num in (("train", cfg.num_train), ("test", cfg.num_test)):
-            rows = TASKS[self.TASK](num, seed=cfg.seed, split=split, image_size=cfg.image_size)
-            where = f"{self.TASK}:{split}:seed{cfg.seed}"
-            out[split] = _records(_TaskRows(rows, where), self._progress(split))
-        return out
+        t0 = time.perf_counter()
+        rows = TASKS[self.TASK](num, seed=cfg.seed, split=split, image_size=cfg.image_size)
+        (self._log or logger.info)(f"{self.name} {split}: generated {num} rows in {time.perf_counter() - t0:.1f} s")
+        return _TaskRows(rows, f"{self.TASK}:{split}:seed{cfg.seed}")
 
 
 class _TaskRows(Sequence):
