@@ -267,3 +267,22 @@ def test_trains_two_steps_on_a_prepared_tfds_dataset(prepared, tmp_path):
     assert np.isfinite(out["reward"]) and "eval_accuracy" not in out      # no test split: no eval
     lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [x["step"] for x in lines if "reward" in x] == [1, 2]
+
+
+def test_build_rows_reads_train_and_test_splits(prepared, tmp_path):
+    import json as _json
+
+    from mr1jax.build import build_rows
+    from mr1jax.config import run_dir_conflicts
+
+    data, directory = prepared
+    c = tiny_config(directory)
+    assert isinstance(build_rows(c, "train"), TfdsSource) and build_rows(c, "eval") is None   # no test split
+    with_test = prepare_files([str(data)], out=str(tmp_path), name="two", eval_files=[str(data)], log=lambda _: None)
+    c = tiny_config(with_test["dir"])
+    assert build_rows(c, "eval").split == "test" and len(build_rows(c, "eval")) == N
+    saved = _json.loads(c.to_json_best_effort())
+    del saved["data"]["tfds"]                                   # a run dir written before the field existed
+    assert run_dir_conflicts(tiny_config(""), saved) == []
+    assert run_dir_conflicts(tiny_config(directory), saved) == [f"config.data.tfds: this run {directory!r}, the "
+                                                                "dir's run None"]
