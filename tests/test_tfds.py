@@ -286,3 +286,22 @@ def test_build_rows_reads_train_and_test_splits(prepared, tmp_path):
     assert run_dir_conflicts(tiny_config(""), saved) == []
     assert run_dir_conflicts(tiny_config(directory), saved) == [f"config.data.tfds: this run {directory!r}, the "
                                                                 "dir's run None"]
+
+
+def test_prepare_parquet_with_presets(tmp_path):
+    pq = pytest.importorskip("pyarrow.parquet")
+    import pyarrow as pa
+
+    geo = tmp_path / "geo.parquet"
+    pq.write_table(pa.table({"images": [[{"bytes": png(i), "path": None}] for i in range(3)],
+                             "problem": [f"Find x{i}." for i in range(3)], "answer": ["1", "2", "3"]}), geo)
+    r1v = tmp_path / "clevr.jsonl"
+    r1v.write_text("".join(json.dumps({"image": "data:image/png;base64," + base64.b64encode(png(i)).decode(),
+                                       "problem": f"How many? {i}", "solution": f"<answer> {i} </answer>"}) + "\n"
+                           for i in range(2)))
+    a = open_tfds(prepare_files([str(geo)], out=str(tmp_path / "o"), fields="geometry3k", log=lambda _: None)["dir"])
+    assert [(r["question"], r["answer"], r["image"], r["row"], r["id"]) for r in a] == \
+        [(f"Find x{i}.", str(i + 1), png(i), i + 1, f"geo.parquet:{i + 1}") for i in range(3)]
+    assert a[0]["file"] == str(geo)
+    b = open_tfds(prepare_files([str(r1v)], out=str(tmp_path / "o"), fields="r1v", log=lambda _: None)["dir"])
+    assert [(r["answer"], r["file"], r["row"]) for r in b] == [("0", str(r1v), 1), ("1", str(r1v), 2)]
