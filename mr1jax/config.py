@@ -50,7 +50,8 @@ POSITIVE_REAL = ("optim.learning_rate", "sft.learning_rate", "rl.reward_timeout_
 FRACTIONS = ("rl.warmup_fraction", "sft.warmup_fraction", "sft.annotator_miss_rate")
 #: Fields a rerun in an existing work dir must keep: they fix the checkpoint's arrays and the data shapes.
 RUN_DIR_FIELDS = ("mode", "sft.steps", "model.hf_path", "model.tiny", "model.param_dtype", "model.dtype",
-                  "data.task", "data.train_files", "data.tfds", "data.image_size", "data.prompt_bucket", "data.batch_size")
+                  "data.task", "data.train_files", "data.tfds", "data.image_size", "data.prompt_bucket",
+                  "data.batch_size")
 
 
 def _get(c: ml_collections.ConfigDict, dotted: str) -> Any:

@@ -43,8 +43,9 @@ def main() -> None:
     t = time.perf_counter()
     summary = prepare_files([str(out / "src" / "train.jsonl")], out=str(out / "tfds"), name="bench",
                             progress_every=args.rows // 4)
-    print(json.dumps({"what": "prepare jsonl+png files", "rows": args.rows, "seconds": round(time.perf_counter() - t, 2),
-                      "rows_per_s": summary["rows_per_s"], "bytes": summary["bytes"]}), flush=True)
+    print(json.dumps({"what": "prepare jsonl+png files", "rows": args.rows,
+                      "seconds": round(time.perf_counter() - t, 2), "rows_per_s": summary["rows_per_s"],
+                      "bytes": summary["bytes"]}), flush=True)
 
     src = open_tfds(summary["dir"])
     order = np.random.default_rng(0).permutation(len(src))[:4096]

@@ -139,11 +139,24 @@ def test_two_processes_read_disjoint_shards_covering_every_row_once_per_epoch(pr
     assert sorted(one[:N]) == sorted(f"ex{i}" for i in range(N))                # unsharded: unchanged
 
 
+def test_shards_stay_equal_when_rows_are_skipped(tokenizer):
+    rows = [{"image": png(i), "question": "word " * (300 if i == 4 else 2), "answer": "1"} for i in range(9)]
+    kw = dict(tokenizer=tokenizer, batch_size=1, image_size=28, prompt_buckets=(64,), seed=0, num_epochs=1,
+              read_threads=1, skip_bad_rows=True)
+    shards = [ids_of(make_rl_dataset(rows, shard_index=i, shard_count=2, **kw)) for i in (0, 1)]
+    assert len(shards[0]) == len(shards[1]) == 4 and not set(shards[0]) & set(shards[1])
+    assert set(shards[0]) | set(shards[1]) == {str(i) for i in range(9)} - {"4"}     # 8 kept rows, none left over
+    with pytest.raises(DataError, match="row 5: field 'question'"):  # without skipping: its owner stops
+        ids_of(make_rl_dataset(rows, shard_index=0, shard_count=2, **{**kw, "skip_bad_rows": False}))
+    assert len(ids_of(make_rl_dataset(rows, shard_index=1, shard_count=2, **{**kw, "skip_bad_rows": False}))) == 4
+
+
 def test_shard_indices_and_sft_shards():
     for n_rows, count in ((11, 2), (12, 3), (7, 7), (5, 8)):
         shards = [shard_indices(n_rows, i, count) for i in range(count)]
         flat = np.concatenate(shards)
-        assert len(set(flat)) == len(flat) == count * (n_rows // count) and {len(s) for s in shards} == {n_rows // count}
+        assert len(set(flat)) == len(flat) == count * (n_rows // count)
+        assert {len(s) for s in shards} == {n_rows // count}
     with pytest.raises(ValueError):
         shard_indices(10, 2, 2)
     rows = [{"id": i} for i in range(13)]
