@@ -128,7 +128,7 @@ def run_dir_conflicts(c: ml_collections.ConfigDict, saved: dict[str, Any]) -> li
             fa, fb = _flat_fields(a or {}), _flat_fields(b or {})
             out += [f"config.{field}.{k}: this run {fa.get(k)!r}, the dir's run {fb.get(k)!r}"
                     for k in sorted(set(fa) | set(fb)) if fa.get(k) != fb.get(k)]
-        elif a != b and {a, b} != {"", None}:  # None: a field newer than the dir's run, at its empty default
+        elif a != b and not (a in ("", None) and b in ("", None)):  # None: a field newer than the dir's run
             out.append(f"config.{field}: this run {a!r}, the dir's run {b!r}")
     return out
 
