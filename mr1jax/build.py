@@ -10,7 +10,6 @@ from flax import nnx
 
 from mr1jax import sharding
 from mr1jax.data.rows import RowSource
-from mr1jax.data.tfds_source import TfdsSource, eval_split
 from mr1jax.data.tasks import TASKS
 from mr1jax.data.tokenizer import load_tokenizer, model_token_ids
 from mr1jax.models.qwen2_vl import Qwen2VL, Qwen2VLConfig
@@ -50,6 +49,8 @@ def build_rows(c: ml_collections.ConfigDict, split: str):
     """Rows of a split: the user's files, a prepared TFDS dataset (``data.tfds``: its train split, and for eval
     its test / validation split), or the synthetic task; None for eval when the user's data has no eval rows."""
     if c.data.get("tfds"):
+        from mr1jax.data.tfds_source import TfdsSource, eval_split  # tensorflow_datasets only when used
+
         data_dir = c.data.get("tfds_data_dir") or None
         split = "train" if split == "train" else eval_split(c.data.tfds, data_dir)
         return None if split is None else TfdsSource(c.data.tfds, split, data_dir=data_dir,
