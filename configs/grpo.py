@@ -15,7 +15,8 @@ The pipeline (Vision-R1's two stages, OThink-MR1's RL):
 geometry (cross-task transfer); `curves.png` plots the run. Measured results: docs/results.md.
 
 Your data instead: `--config.data.train_files=train.jsonl --config.data.fields=geometry3k` (JSONL/Parquet;
-see `mr1jax.data.rows.PRESETS`); a real model: `--config.model.hf_path=/path/to/Qwen2-VL-2B-Instruct`.
+see `mr1jax.data.rows.PRESETS`), or at scale the TFDS dataset `python -m mr1jax.data.prepare` writes from them:
+`--config.data.tfds=DIR`; a real model: `--config.model.hf_path=/path/to/Qwen2-VL-2B-Instruct`.
 Pure GRPO from the random model (no SFT): `--config.mode=grpo`.
 """
 
@@ -46,6 +47,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.num_eval = 256
     c.data.train_files = ""     # comma-separated JSONL / Parquet files
     c.data.eval_files = ""
+    c.data.tfds = ""            # a TFDS dataset (python -m mr1jax.data.prepare): its directory or name; splits
+                                # train and test (eval). Read by random access, each host its own share
+    c.data.tfds_data_dir = ""   # where a TFDS dataset *name* is looked up ("" = TFDS's: $TFDS_DATA_DIR)
     c.data.fields = "generic"   # field preset: generic | geometry3k | easyr1 | r1v | superclevr
     c.data.skip_bad_rows = False
     c.data.image_size = 56      # every image resized to image_size x image_size (multiple of 28)

@@ -46,7 +46,15 @@ def build_model(c: ml_collections.ConfigDict, mesh) -> tuple[Qwen2VL, Any]:
 
 
 def build_rows(c: ml_collections.ConfigDict, split: str):
-    """Rows of a split: the user's files, or the synthetic task; None for eval when only train files are set."""
+    """Rows of a split: the user's files, a prepared TFDS dataset (``data.tfds``: its train split, and for eval
+    its test / validation split), or the synthetic task; None for eval when the user's data has no eval rows."""
+    if c.data.get("tfds"):
+        from mr1jax.data.tfds_source import TfdsSource, eval_split  # tensorflow_datasets only when used
+
+        data_dir = c.data.get("tfds_data_dir") or None
+        split = "train" if split == "train" else eval_split(c.data.tfds, data_dir)
+        return None if split is None else TfdsSource(c.data.tfds, split, data_dir=data_dir,
+                                                     skip_bad_rows=c.data.skip_bad_rows)
     files = c.data.train_files if split == "train" else c.data.eval_files
     if split == "eval" and c.data.train_files and not files:
         return None

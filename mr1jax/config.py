@@ -53,7 +53,8 @@ POSITIVE_REAL = ("optim.learning_rate", "sft.learning_rate", "rl.reward_timeout_
 FRACTIONS = ("rl.warmup_fraction", "sft.warmup_fraction", "sft.annotator_miss_rate")
 #: Fields a rerun in an existing work dir must keep: they fix the checkpoint's arrays and the data shapes.
 RUN_DIR_FIELDS = ("mode", "sft.steps", "model.hf_path", "model.tiny", "model.param_dtype", "model.dtype",
-                  "data.task", "data.train_files", "data.image_size", "data.prompt_bucket", "data.batch_size")
+                  "data.task", "data.train_files", "data.tfds", "data.image_size", "data.prompt_bucket",
+                  "data.batch_size")
 
 
 def _get(c: ml_collections.ConfigDict, dotted: str) -> Any:
@@ -130,7 +131,7 @@ def run_dir_conflicts(c: ml_collections.ConfigDict, saved: dict[str, Any]) -> li
             fa, fb = _flat_fields(a or {}), _flat_fields(b or {})
             out += [f"config.{field}.{k}: this run {fa.get(k)!r}, the dir's run {fb.get(k)!r}"
                     for k in sorted(set(fa) | set(fb)) if fa.get(k) != fb.get(k)]
-        elif a != b:
+        elif a != b and not (a in ("", None) and b in ("", None)):  # None: a field newer than the dir's run
             out.append(f"config.{field}: this run {a!r}, the dir's run {b!r}")
     return out
 
@@ -196,7 +197,9 @@ def validate_config(c: ml_collections.ConfigDict, reference: ml_collections.Conf
     if not 0.0 <= c.sft.annotator_miss_rate <= 1.0 or c.sft.annotator_min_count < 1:
         raise ConfigError(f"config.sft.annotator_miss_rate must be in [0, 1] and annotator_min_count >= 1, got "
                           f"{c.sft.annotator_miss_rate}, {c.sft.annotator_min_count}")
-    if not c.data.train_files and c.data.num_train < c.data.batch_size:
+    if c.data.get("tfds"):
+        _check_tfds(c)
+    if not user_data(c) and c.data.num_train < c.data.batch_size:
         raise ConfigError(f"config.data.num_train = {c.data.num_train} is smaller than one batch "
                           f"({c.data.batch_size})")
     try:
@@ -212,6 +215,29 @@ def validate_config(c: ml_collections.ConfigDict, reference: ml_collections.Conf
                 raise ConfigError(f"{where}: GRPO needs G >= 2 samples per prompt, got {s.num_samples} (with one "
                                   "sample every advantage is 0 and nothing is learned)")
     return stages
+
+
+def _check_tfds(c: ml_collections.ConfigDict) -> None:
+    """config.data.tfds names a prepared (or mr1jax-generated) array_record TFDS dataset with a train split."""
+    from mr1jax.data.tfds_source import TfdsError, open_builder
+
+    if not isinstance(c.data.tfds, str) or not isinstance(c.data.get("tfds_data_dir", ""), str):
+        raise ConfigError(f"config.data.tfds / config.data.tfds_data_dir must be strings, got {c.data.tfds!r}, "
+                          f"{c.data.get('tfds_data_dir')!r}")
+    if c.data.train_files:
+        raise ConfigError(f"config.data.tfds = {c.data.tfds!r} and config.data.train_files = {c.data.train_files!r}: "
+                          "set one of them")
+    try:
+        splits = open_builder(c.data.tfds, c.data.get("tfds_data_dir") or None).info.splits
+    except TfdsError as e:
+        raise ConfigError(f"config.data.tfds = {c.data.tfds!r}: {e}") from None
+    if "train" not in splits:
+        raise ConfigError(f"config.data.tfds = {c.data.tfds!r}: no 'train' split (it has {', '.join(sorted(splits))})")
+
+
+def user_data(c: ml_collections.ConfigDict) -> bool:
+    """True when training on the user's data (files or a TFDS dataset), False on a synthetic task."""
+    return bool(c.data.train_files or c.data.get("tfds"))
 
 
 def beta_schedule(c: ml_collections.ConfigDict):
@@ -245,5 +271,5 @@ def uses_kl(c: ml_collections.ConfigDict) -> bool:
 
 def main_task_name(c: ml_collections.ConfigDict) -> str:
     """The key of the training task's metrics: the synthetic task's name, or "eval" for the user's files."""
-    return "eval" if c.data.train_files else c.data.task
+    return "eval" if user_data(c) else c.data.task
 

@@ -267,6 +267,9 @@ def resolve(args: argparse.Namespace) -> dict[str, Any]:
         if c.data.eval_files:
             files = [f.strip() for f in c.data.eval_files.split(",") if f.strip()]
             fields = c.data.fields
+        elif c.data.get("tfds"):
+            raise EvalError(f"the run in {run_dir} trained on the TFDS dataset {c.data.tfds!r}: pass --data_files "
+                            "(its source files) or --task")
         elif c.data.train_files:
             raise EvalError(f"the run in {run_dir} has no eval data (data.train_files without data.eval_files): "
                             "pass --task or --data_files")

@@ -8,7 +8,7 @@ import jax
 import numpy as np
 
 from mr1jax import distributed, rollout
-from mr1jax.config import main_task_name
+from mr1jax.config import main_task_name, user_data
 from mr1jax.data.pipeline import make_rl_dataset
 from mr1jax.data.tasks import TASKS
 from mr1jax.rl.ptst import Stage
@@ -81,7 +81,7 @@ def evaluate_tasks(model, tokenizer, eval_rows, c, max_new_tokens: int, mesh=Non
     """Held-out metrics on the training task (key: `main_task_name`) and, when training on a synthetic task,
     on every other synthetic task (cross-task transfer)."""
     out = {main_task_name(c): evaluate(model, tokenizer, eval_rows, c, max_new_tokens, mesh)}
-    if not c.data.train_files:
+    if not user_data(c):
         for task in TASKS:
             if task != c.data.task:
                 rows = TASKS[task](c.data.num_eval, seed=c.seed, split="test", image_size=c.data.image_size)

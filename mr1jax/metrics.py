@@ -104,7 +104,7 @@ def write_summary(workdir: str, c, before: dict[str, dict[str, float]], after: d
         gain = ev["eval_accuracy"] - b["eval_accuracy"] if "eval_accuracy" in b and "eval_accuracy" in ev else None
         tasks[t] = {"before_rl": b, "after_rl": ev, "accuracy_gain": gain}
     sft_steps, rl_steps = phase_steps(c)
-    summary = {"task": c.data.task if not c.data.train_files else c.data.train_files, "mode": c.mode,
+    summary = {"task": c.data.get("tfds") or c.data.train_files or c.data.task, "mode": c.mode,
                "seed": c.seed, "sft_steps": sft_steps, "rl_steps": rl_steps, "beta_schedule": c.rl.beta_schedule,
                "wall_time_s": round(wall_s, 1), "before_rl": before.get(main, {}), "after_rl": after.get(main, {}),
                "tasks": tasks}

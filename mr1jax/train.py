@@ -362,9 +362,9 @@ def _train(c: ml_collections.ConfigDict, workdir: str, stages, devices) -> dict[
         stop = False
         while state.step < end and not stop:
             if state.step < sft_steps:
-                share = slice(jax.process_index() * local_prompts, (jax.process_index() + 1) * local_prompts)
-                examples = sft_examples_for_step(train_rows, state.step, c.data.batch_size, c.seed)[share]
-                spare = sft_examples_for_step(train_rows, state.step + 1, c.data.batch_size, c.seed)[share] \
+                share = (jax.process_index(), processes)       # this process's slice of the global batch
+                examples = sft_examples_for_step(train_rows, state.step, local_prompts, c.seed, *share)
+                spare = sft_examples_for_step(train_rows, state.step + 1, local_prompts, c.seed, *share) \
                     if c.data.skip_bad_rows else ()              # replacements for bad rows, deterministic
                 state, last = sft_step(state, fns, tokenizer, model_config, examples, c=c,
                                        seq_len=sft_len, response_fn=sft_trace, spare=spare)

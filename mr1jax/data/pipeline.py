@@ -5,6 +5,7 @@ Graph built by :func:`make_rl_dataset`::
     MapDataset.source(rows)                  # rows whose prompt fits max(prompt_buckets)
       .shuffle(seed)                         # a fresh permutation per epoch (seed + epoch)
       .repeat(num_epochs)                    # None: forever
+      [this process's rows of each global batch]   # shard_count n > 1 (see Sharding)
       .map(_PrepareExample)                  # decode + resize to image_size + patchify (threads)
       .to_iter_dataset(ReadOptions)          # drops rows skipped by a bad image (None)
       .batch(batch_size, drop_remainder=True)
@@ -26,6 +27,15 @@ matter; with workers each one batches a strided slice of the shuffled rows, so c
 ``worker_count`` changes which rows share a batch); different seeds give different orders; each epoch is a different permutation. With
 ``num_epochs=None`` a batch may straddle an epoch boundary; with a finite ``num_epochs`` the
 last incomplete batch is dropped.
+
+Sharding (multi-host). With ``shard_index=i, shard_count=n`` every process shuffles all rows with the same
+seed and cuts the stream into global batches of ``n * batch_size``; process ``i`` reads and builds only the
+``i``-th ``batch_size`` rows of each (``_ShareOfBatches``). The shares are disjoint, together they cover
+every row once per epoch, the global batches are exactly those one process with ``n * batch_size`` would
+build (so an n-process run equals a 1-process run), and all processes yield the same number of batches
+(they step in lockstep). ``batch_size`` is the process's *local* number of prompts; each process's iterator
+state is its own (checkpoint every process's). Every process checks every row's prompt length (text only),
+so the rows kept with ``skip_bad_rows`` are the same everywhere and a bad row stops every process.
 
 Bad rows. Rows are validated cheaply when the source is loaded (``mr1jax.data.rows``). Here,
 before the pipeline is built, every prompt is rendered and tokenized once (text only) and a row
@@ -151,6 +161,9 @@ class _Rows(Sequence):
         example.setdefault("row", i + 1)
         example.setdefault("id", f"{i}")
         return example
+
+    def text_fields(self, index: int) -> Mapping[str, Any]:
+        return _text_fields(self._source, int(self._indices[index]))
 
 
 def _text_fields(source: Sequence[Mapping[str, Any]], i: int) -> Mapping[str, Any]:
@@ -386,8 +399,11 @@ def make_rl_dataset(
         raise ValueError(f"question_template must contain '{{question}}', got {question_template!r}")
     if skip_bad_rows is None:
         skip_bad_rows = bool(getattr(source, "skip_bad_rows", False))
-
-    rows, _, skipped = prepare_source(
+    if isinstance(shard_count, bool) or not isinstance(shard_count, (int, np.integer)) or shard_count < 1 \
+            or not 0 <= shard_index < shard_count:
+        raise ValueError(f"shard_index must be in [0, shard_count), shard_count >= 1; got {shard_index}, {shard_count}")
+    sharded = shard_count > 1
+    rows, _, skipped = prepare_source(              # every process checks every row: the same rows are kept
         source, tokenizer=tokenizer, image_size=image_hw, prompt_buckets=buckets,
         system_prompt=system_prompt, question_template=question_template, skip_bad_rows=skip_bad_rows,
     )
@@ -398,13 +414,11 @@ def make_rl_dataset(
     if num_epochs is not None and len(rows) * num_epochs < batch_size:
         raise ValueError(f"{len(rows)} row(s) x {num_epochs} epoch(s) cannot fill one batch of {batch_size}")
 
-    if not 0 <= shard_index < shard_count:
-        raise ValueError(f"shard_index must be in [0, shard_count = {shard_count}), got {shard_index}")
     ds = grain.MapDataset.source(rows)
     if shuffle:
         ds = ds.shuffle(seed=int(seed))
     ds = ds.repeat(num_epochs)
-    if shard_count > 1:
+    if sharded:                                   # this process's rows of each global batch
         per_global = int(batch_size) * shard_count
         ds = grain.MapDataset.range((len(ds) // per_global) * int(batch_size)).map(
             _ShareOfBatches(ds, int(batch_size), int(shard_index), shard_count))

@@ -118,14 +118,23 @@ def sft_batch(tokenizer: Any, examples: Sequence[dict[str, Any]], *, image_size:
                 pixel_values=pixel_values, image_grid_thw=grid)
 
 
-def sft_examples_for_step(rows: Sequence[dict[str, Any]], step: int, batch_size: int, seed: int) -> list[dict]:
-    """The examples of batch `step`: consecutive slices of a per-epoch seeded permutation (drop remainder)."""
-    per_epoch = len(rows) // batch_size
+def sft_examples_for_step(rows: Sequence[dict[str, Any]], step: int, batch_size: int, seed: int,
+                          shard_index: int = 0, shard_count: int = 1) -> list[dict]:
+    """The examples of batch `step`: consecutive slices of a per-epoch seeded permutation (drop remainder).
+
+    With `shard_count` > 1 (several processes) `batch_size` is this process's share: the global batch of
+    ``batch_size * shard_count`` examples is the one a single process would take, and this process gets its
+    ``shard_index``-th slice (the same split as `mr1jax.data.pipeline.make_rl_dataset`)."""
+    if not 0 <= shard_index < shard_count:
+        raise ValueError(f"shard_index must be in [0, shard_count = {shard_count}), got {shard_index}")
+    global_batch = batch_size * shard_count
+    per_epoch = len(rows) // global_batch
     if per_epoch == 0:
-        raise ValueError(f"{len(rows)} SFT rows do not fill one batch of {batch_size}")
+        raise ValueError(f"{len(rows)} SFT rows do not fill one batch of {global_batch}")
     epoch, k = divmod(step, per_epoch)
     order = np.random.default_rng([seed, epoch]).permutation(len(rows))
-    return [rows[int(i)] for i in order[k * batch_size:(k + 1) * batch_size]]
+    start = k * global_batch + shard_index * batch_size
+    return [rows[int(i)] for i in order[start:start + batch_size]]
 
 
 def sft_update_batch(model_config: Any, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
