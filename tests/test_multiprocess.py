@@ -129,6 +129,35 @@ def test_two_processes_equal_one_process_and_only_process_0_writes(two_process_r
     assert len(open(os.path.join(work, "runs.jsonl")).readlines()) == 1
 
 
+def test_load_pretrained_and_export_across_two_processes(tmp_path):
+    """Each process loads only its devices' slices of an HF directory onto a mesh spanning both; the export gathers
+    them back (process 0 writes) byte for byte."""
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from mr1jax.models.qwen2_vl import Qwen2VL, Qwen2VLConfig
+    from mr1jax.models.qwen2_vl.hf import save_pretrained
+
+    src, out = tmp_path / "src", tmp_path / "out"
+    cfg = Qwen2VLConfig.tiny(vocab_size=512, hidden_size=64)
+    save_pretrained(Qwen2VL(cfg, rngs=nnx.Rngs(3), dtype=jnp.float32), src)
+    port = _free_port()
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    procs = [subprocess.Popen([sys.executable, os.path.join(os.path.dirname(__file__), "multiprocess_load.py"),
+                               str(src), str(out), str(i), str(port)], stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT) for i in (0, 1)]
+    outputs = _wait(procs, timeout=300)
+    assert all(code == 0 for code, _ in outputs), [t[-2000:] for _, t in outputs]
+    r0, r1 = _results(outputs)
+    assert r0["spanning"] > 0                                   # some parameters really span both processes
+    assert r0["local_bytes"] < r0["total_bytes"]                # each process holds only part of the model
+    assert r0["sums"] == r1["sums"]
+    a, b = load_file(str(src / "model.safetensors")), load_file(str(out / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        np.testing.assert_array_equal(b[k], a[k], err_msg=k)
+
+
 def _wait_for_step(workdir, step: int, procs, timeout: float = 600) -> None:
     path = os.path.join(workdir, "metrics.jsonl")
     deadline = time.time() + timeout
