@@ -4,9 +4,12 @@ The runs are `tests/multiprocess_train.py` (the real loop on the tiny default, 2
 deterministic stand-in reward). Checked: the 2-process run equals the 1-process 8-device run step by step and in
 its final parameters, only process 0 writes; SIGKILL of both mid-run then a relaunch ends equal to the
 uninterrupted run; SIGTERM to one process makes both save the same step and exit 143, and the rerun resumes
-exactly; a reward that times out on one process only leaves the run consistent.
+exactly; a reward that times out on one process only leaves the run consistent; `load_pretrained` onto a mesh
+spanning both processes reads each process's slices and the export gathers them back byte for byte.
 
-The default set runs the first check; the others are slow (`pytest -m slow tests/test_multiprocess.py`).
+Each training run takes 1-2 minutes on 2 cores (several under load), so the training checks are in the slow set:
+`python -m pytest -q -m slow tests/test_multiprocess.py` (4 tests, 21 min on a loaded 2-core machine). The default
+set runs the 2-process load + export check (about 30 s).
 """
 
 from __future__ import annotations
@@ -107,6 +110,7 @@ def two_process_run(tmp_path_factory):
     return str(work), _run(work)
 
 
+@pytest.mark.slow
 def test_two_processes_equal_one_process_and_only_process_0_writes(two_process_run, tmp_path):
     work, outputs = two_process_run
     results = _results(outputs)
