@@ -1,4 +1,4 @@
-"""Tiny `transformers` Qwen2-VL reference models with every parameter randomised at a realistic scale.
+"""Tiny `transformers` Qwen2-VL / Qwen2.5-VL reference models with every parameter randomised at a realistic scale.
 
 Freshly initialised HF models give logits near +-0.2, which makes parity tests weak; here every matrix is
 drawn with std 1/sqrt(fan_in), norm weights around 1, biases around 0.1, embeddings with std 0.5
@@ -13,14 +13,20 @@ import numpy as np
 from mr1jax.models.qwen2_vl.config import Qwen2VLConfig
 
 
+_HF_CLASSES = {"qwen2_vl": ("Qwen2VLConfig", "Qwen2VLForConditionalGeneration"),
+               "qwen2_5_vl": ("Qwen2_5_VLConfig", "Qwen2_5_VLForConditionalGeneration")}
+
+
 def build_hf_model(cfg: Qwen2VLConfig, seed: int = 0):
-    """A randomised `transformers.Qwen2VLForConditionalGeneration` in fp32 eval mode for `cfg`."""
+    """A randomised `transformers.Qwen2VLForConditionalGeneration` (or the Qwen2.5-VL class, for a
+    `Qwen25VLConfig`) in fp32 eval mode for `cfg`."""
     import torch
     import transformers
 
-    hf_cfg = transformers.Qwen2VLConfig(**{k: v for k, v in cfg.to_hf_dict().items() if k != "architectures"})
+    config_cls, model_cls = (getattr(transformers, name) for name in _HF_CLASSES[cfg.model_type])
+    hf_cfg = config_cls(**{k: v for k, v in cfg.to_hf_dict().items() if k != "architectures"})
     torch.manual_seed(seed)
-    model = transformers.Qwen2VLForConditionalGeneration(hf_cfg).float().eval()
+    model = model_cls(hf_cfg).float().eval()
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
