@@ -32,6 +32,7 @@ def get_config() -> ml_collections.ConfigDict:
 
     c.model = ml_collections.ConfigDict()
     c.model.hf_path = ""        # "" = tiny random model built from c.model.tiny
+    c.model.family = "qwen2_vl"  # the tiny model's family: qwen2_vl | qwen2_5_vl (hf_path's config.json decides)
     c.model.tokenizer_path = ""  # "" = hf_path, or the packaged tokenizer for the tiny model
     c.model.dtype = "float32"   # compute dtype: float32 | bfloat16 (bf16 on accelerators)
     c.model.param_dtype = "float32"  # master weights and optimizer state: keep float32 (bf16 freezes at lr 1e-6)

@@ -18,6 +18,7 @@ import optax
 
 from mr1jax.build import MODEL_DTYPES
 from mr1jax.data.tasks import TASKS
+from mr1jax.models.families import FAMILIES
 from mr1jax.models.qwen2_vl.model import REMAT_POLICIES
 from mr1jax.rl import ADVANTAGE_SCALES, KL_ESTIMATORS, LOSS_AGGREGATIONS, SCHEDULE_NAMES, make_schedule
 from mr1jax.rl.ptst import Stage, parse_stages
@@ -35,6 +36,7 @@ CHOICES = {
     "model.dtype": tuple(MODEL_DTYPES),
     "model.param_dtype": tuple(MODEL_DTYPES),
     "model.remat": tuple(REMAT_POLICIES),
+    "model.family": tuple(FAMILIES),
     "rl.beta_schedule": tuple(SCHEDULE_NAMES),
     "rl.agg": tuple(LOSS_AGGREGATIONS),
     "rl.kl_estimator": tuple(KL_ESTIMATORS),
@@ -49,7 +51,7 @@ POSITIVE = ("total_steps", "data.batch_size", "data.prompt_bucket", "data.image_
 POSITIVE_REAL = ("optim.learning_rate", "sft.learning_rate", "rl.reward_timeout_s")
 FRACTIONS = ("rl.warmup_fraction", "sft.warmup_fraction", "sft.annotator_miss_rate")
 #: Fields a rerun in an existing work dir must keep: they fix the checkpoint's arrays and the data shapes.
-RUN_DIR_FIELDS = ("mode", "sft.steps", "model.hf_path", "model.tiny", "model.param_dtype", "model.dtype",
+RUN_DIR_FIELDS = ("mode", "sft.steps", "model.hf_path", "model.family", "model.tiny", "model.param_dtype", "model.dtype",
                   "data.task", "data.train_files", "data.image_size", "data.prompt_bucket", "data.batch_size")
 
 

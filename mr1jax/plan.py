@@ -114,12 +114,13 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P  # noqa: E402
 
 from mr1jax import sharding, steps  # noqa: E402
 from mr1jax.accelerators import ACCELERATORS, GiB, for_topology  # noqa: E402
-from mr1jax.models.qwen2_vl import Qwen2VL, Qwen2VLConfig  # noqa: E402
+from mr1jax.models import Qwen25VLConfig, Qwen2VLConfig, config_from_hf, model_class  # noqa: E402
 from mr1jax.models.qwen2_vl.model import set_attention_chunk  # noqa: E402
 from mr1jax.rl.ptst import Stage  # noqa: E402
 from mr1jax.train_steps import grpo_config, sft_config, updates_per_rl_step  # noqa: E402
 
-PRESETS = ("qwen2_vl_2b_instruct", "qwen2_vl_7b_instruct", "tiny")
+PRESETS = ("qwen2_vl_2b_instruct", "qwen2_vl_7b_instruct", "qwen2_5_vl_3b_instruct", "qwen2_5_vl_7b_instruct",
+           "tiny")
 
 
 class PlanError(ValueError):
@@ -133,14 +134,18 @@ def resolve_model_config(c: ml_collections.ConfigDict, preset: str | None) -> tu
     builds it."""
     path = c.model.hf_path
     if path and os.path.isfile(os.path.join(path, "config.json")) and preset is None:
-        return Qwen2VLConfig.from_hf(path), os.path.basename(path.rstrip("/")), f"{path}/config.json"
+        return config_from_hf(path), os.path.basename(path.rstrip("/")), f"{path}/config.json"
     if preset is not None:
         how = "--preset"
     elif path:
         name = os.path.basename(path.rstrip("/")).upper()
-        preset = "qwen2_vl_7b_instruct" if "7B" in name else "qwen2_vl_2b_instruct" if "2B" in name else None
+        if "2.5" in name or "2_5" in name:
+            preset = "qwen2_5_vl_7b_instruct" if "7B" in name else "qwen2_5_vl_3b_instruct" if "3B" in name else None
+        else:
+            preset = "qwen2_vl_7b_instruct" if "7B" in name else "qwen2_vl_2b_instruct" if "2B" in name else None
         if preset is None:
-            raise PlanError(f"no {path}/config.json and the path names no model size ('2B' / '7B'); pass "
+            raise PlanError(f"no {path}/config.json and the path names no model size ('2B' / '7B', or '3B' / '7B' "
+                            f"with '2.5'); pass "
                             f"--preset={'|'.join(PRESETS)}")
         how = f"no {path}/config.json; size inferred from the path name"
     else:
@@ -148,14 +153,12 @@ def resolve_model_config(c: ml_collections.ConfigDict, preset: str | None) -> tu
     if preset not in PRESETS:
         raise PlanError(f"--preset={preset!r}; choose one of {', '.join(PRESETS)}")
     if preset != "tiny":
-        return getattr(Qwen2VLConfig, preset)(), preset, how
-    from mr1jax.data.tokenizer import load_tokenizer, model_token_ids
+        family = Qwen25VLConfig if preset.startswith("qwen2_5_vl") else Qwen2VLConfig
+        return getattr(family, preset)(), preset, how
+    from mr1jax.build import tiny_model_config
+    from mr1jax.data.tokenizer import load_tokenizer
 
-    tokenizer = load_tokenizer(c.model.tokenizer_path or None)
-    cfg = Qwen2VLConfig.tiny(vocab_size=len(tokenizer), hidden_size=c.model.tiny.hidden_size,
-                             num_layers=c.model.tiny.num_layers, vision_depth=c.model.tiny.vision_depth,
-                             **model_token_ids(tokenizer))
-    return cfg, "tiny", how
+    return tiny_model_config(c, load_tokenizer(c.model.tokenizer_path or None)), "tiny", how
 
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -164,7 +167,7 @@ _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 def abstract_model(cfg: Qwen2VLConfig, dtype, param_dtype=None, remat: str = "none", attention_chunk: int = 0
                    ) -> tuple[nnx.GraphDef, nnx.State]:
     """(graphdef, state of ShapeDtypeStructs): no parameter is allocated."""
-    model = nnx.eval_shape(lambda: Qwen2VL(cfg, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=param_dtype or dtype,
+    model = nnx.eval_shape(lambda: model_class(cfg)(cfg, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=param_dtype or dtype,
                                            remat=remat))
     set_attention_chunk(model, attention_chunk)
     return nnx.split(model)
