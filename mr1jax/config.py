@@ -125,6 +125,8 @@ def run_dir_conflicts(c: ml_collections.ConfigDict, saved: dict[str, Any]) -> li
         for part in field.split("."):
             a = a.get(part) if isinstance(a, dict) else None
             b = b.get(part) if isinstance(b, dict) else None
+        if field == "model.family":  # runs from before the field existed are Qwen2-VL
+            a, b = a or "qwen2_vl", b or "qwen2_vl"
         if isinstance(a, dict) or isinstance(b, dict):
             fa, fb = _flat_fields(a or {}), _flat_fields(b or {})
             out += [f"config.{field}.{k}: this run {fa.get(k)!r}, the dir's run {fb.get(k)!r}"
