@@ -50,6 +50,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.fields = "generic"   # field preset: generic | geometry3k | easyr1 | r1v | superclevr
     c.data.skip_bad_rows = False
     c.data.image_size = 56      # every image resized to image_size x image_size (multiple of 28)
+    c.data.images_per_prompt = 1  # images every row carries (fields "easyr1": the whole `images` list)
     c.data.prompt_bucket = 64   # prompts left-padded to this length
     c.data.batch_size = 16      # prompts per step
     c.data.question_template = (
