@@ -17,7 +17,8 @@ from mr1jax.models.qwen2_5_vl.config import Qwen25VisionConfig
 from mr1jax.models.qwen2_vl import rope
 from mr1jax.models.qwen2_vl.config import ConfigError
 from mr1jax.sampling import generate
-from mr1jax.testing.hf_reference import build_hf_model, hf_logits, make_batch
+from mr1jax.testing.hf_reference import (build_hf_model, hf_greedy, hf_logits, hf_rope_index, make_batch,
+                                         valid_max_diff)
 
 TOL = 1e-4
 
@@ -47,10 +48,6 @@ def ref(request, tmp_path_factory):
     path = tmp_path_factory.mktemp("hf_qwen25")
     hf.save_pretrained(path)
     return cfg, hf, path, load_pretrained(path, dtype=jnp.float32)
-
-
-def _valid_max_diff(ours, reference, mask):
-    return float(np.abs(np.asarray(ours) - reference)[np.asarray(mask).astype(bool)].max())
 
 
 def _hf_vision(hf, pv, grid):
@@ -97,7 +94,7 @@ def test_logits_match_transformers(ref, batch):
     cfg, hf, _, model = ref
     ids, mask, pv, grid = make_batch(cfg, BATCHES[batch], seed=3)
     expected = hf_logits(hf, ids, mask, pv, grid, cfg.image_token_id)
-    diff = _valid_max_diff(model(ids, mask, pv, grid), expected, mask)
+    diff = valid_max_diff(model(ids, mask, pv, grid), expected, mask)
     print(f"logits max abs diff [{batch}]: {diff:.2e} (|ref| max {np.abs(expected).max():.2f})")
     assert np.abs(expected).max() > 1.0 and diff <= TOL
 
@@ -106,12 +103,9 @@ def test_position_ids_and_rope_deltas_exact(ref):
     cfg, hf, _, _ = ref
     ids, mask, _, grid = make_batch(cfg, BATCHES["several_images_left_padded"], seed=3)
     ours = prepare_inputs(cfg, ids, mask, grid)
-    tids = torch.as_tensor(ids, dtype=torch.long)
-    ref_pos, ref_delta = hf.model.get_rope_index(
-        tids, mm_token_type_ids=(tids == cfg.image_token_id).int(), image_grid_thw=torch.as_tensor(grid),
-        attention_mask=torch.as_tensor(mask))
-    np.testing.assert_array_equal(ours.position_ids, ref_pos.numpy())
-    np.testing.assert_array_equal(ours.rope_deltas, ref_delta.numpy().reshape(-1))
+    ref_pos, ref_delta = hf_rope_index(hf, cfg, ids, mask, grid)
+    np.testing.assert_array_equal(ours.position_ids, ref_pos)
+    np.testing.assert_array_equal(ours.rope_deltas, ref_delta)
 
 
 def test_round_trip_through_transformers(ref, tmp_path):
@@ -138,11 +132,7 @@ def test_greedy_generation_equals_transformers(ref):
     eos = cfg.eos_token_ids[0]
     ours = np.asarray(generate(model, ids, mask, pv, grid, max_new_tokens=16, temperature=0.0,
                                eos_token_ids=[eos]).tokens)
-    t = lambda a: torch.as_tensor(np.asarray(a), dtype=torch.long)  # noqa: E731
-    expected = hf.generate(input_ids=t(ids), attention_mask=t(mask), pixel_values=torch.as_tensor(pv),
-                           image_grid_thw=t(grid), mm_token_type_ids=(t(ids) == cfg.image_token_id).int(),
-                           do_sample=False, max_new_tokens=16, eos_token_id=eos,
-                           pad_token_id=cfg.pad_token_id)[:, ids.shape[1]:].numpy()
+    expected = hf_greedy(hf, cfg, ids, mask, pv, grid, 16, eos)
     np.testing.assert_array_equal(ours[:, :expected.shape[1]], expected)
     assert (ours[:, expected.shape[1]:] == cfg.pad_token_id).all()
 
