@@ -203,3 +203,27 @@ def test_family_mismatch_and_bad_fields_are_named():
         Qwen2VLConfig.from_hf(_hub_config_7b())
     with pytest.raises(ConfigError, match=r"fullatt_block_indexes \[40\]"):
         Qwen25VLConfig.tiny().replace(vision=Qwen25VisionConfig(depth=2, out_hidden_size=64, fullatt_block_indexes=(40,)))
+
+
+def test_remat_gives_the_same_vision_gradients(ref):
+    """The windowed blocks run under lax.cond inside the layer scan; rematerialising them changes nothing."""
+    import jax
+    from flax import nnx
+
+    cfg, _, _, model = ref
+    if cfg.tie_word_embeddings:
+        pytest.skip("the vision tower does not depend on the head")
+    _, _, pv, grid = make_batch(cfg, [{"text": 2, "images": [(1, 8, 8)] * 2}], seed=4)
+    pos = jnp.asarray(rope.vision_position_ids(grid, 2))
+    graphdef, state = nnx.split(model)
+
+    def loss(state, policy):
+        m = nnx.merge(graphdef, state)
+        m.set_remat(policy)
+        return jnp.sum(m.image_features(jnp.asarray(pv), pos, 2) ** 2)
+
+    grad = jax.jit(jax.grad(loss), static_argnums=1)
+    plain, remat = grad(state, "none"), grad(state, "full")
+    for a, b in zip(jax.tree.leaves(plain), jax.tree.leaves(remat)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
+    assert max(float(jnp.abs(g).max()) for g in jax.tree.leaves(plain["visual"])) > 0
