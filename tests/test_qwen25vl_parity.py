@@ -225,5 +225,6 @@ def test_remat_gives_the_same_vision_gradients(ref):
     grad = jax.jit(jax.grad(loss), static_argnums=1)
     plain, remat = grad(state, "none"), grad(state, "full")
     for a, b in zip(jax.tree.leaves(plain), jax.tree.leaves(remat)):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
+        scale = max(1.0, float(jnp.abs(a).max()))                   # gradients reach ~20: rounding scales
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5 * scale)
     assert max(float(jnp.abs(g).max()) for g in jax.tree.leaves(plain["visual"])) > 0
