@@ -42,3 +42,12 @@ def test_tiny_qwen25_trains_sft_then_grpo_and_exports(tmp_path):
 def test_plan_builds_the_tiny_qwen25():
     cfg, name, _ = plan_mod.resolve_model_config(qwen25_config(), None)
     assert name == "tiny" and isinstance(cfg, Qwen25VLConfig)
+
+
+def test_plan_counts_windowed_vision_attention():
+    """4 full-attention blocks over all 1024 patches of a 448 px image, 28 windowed blocks over 3 x 64 keys."""
+    cfg = Qwen25VLConfig.qwen2_5_vl_7b_instruct()
+    none = plan_mod.ParamCounts(total=0, vision=0, embedding=0, lm_head=0, decoder=0)
+    v = cfg.vision
+    flops = plan_mod._forward_flops(cfg, none, rows=0, seq=0, logit_positions=0, images=2, patches=1024)
+    assert flops == 4 * v.num_heads * v.head_dim * 2 * 1024 * (4 * 1024 + 28 * 3 * 64)
