@@ -33,6 +33,7 @@ def get_config() -> ml_collections.ConfigDict:
 
     c.model = ml_collections.ConfigDict()
     c.model.hf_path = ""        # "" = tiny random model built from c.model.tiny
+    c.model.family = "qwen2_vl"  # the tiny model's family: qwen2_vl | qwen2_5_vl (hf_path's config.json decides)
     c.model.tokenizer_path = ""  # "" = hf_path, or the packaged tokenizer for the tiny model
     c.model.dtype = "float32"   # compute dtype: float32 | bfloat16 (bf16 on accelerators)
     c.model.param_dtype = "float32"  # master weights and optimizer state: keep float32 (bf16 freezes at lr 1e-6)
@@ -53,6 +54,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.fields = "generic"   # field preset: generic | geometry3k | easyr1 | r1v | superclevr
     c.data.skip_bad_rows = False
     c.data.image_size = 56      # every image resized to image_size x image_size (multiple of 28)
+    c.data.images_per_prompt = 1  # images every row carries (fields "easyr1": the whole `images` list)
     c.data.prompt_bucket = 64   # prompts left-padded to this length
     c.data.batch_size = 16      # prompts per step
     c.data.question_template = (

@@ -2,14 +2,17 @@
 
 Paper settings (docs/recipes.md): SFT lr 5e-6 cosine, warmup 5 %; GRPO eps 0.2, beta 0.01 (k3),
 group z-score advantages, token-mean loss (verl), lr 1e-6, temperature 1.0, HFRRF reward; PTST stages
-4K x 16 then 8K x 8 (100 steps each; optional 16K x 4). Backbone in the paper: Qwen2.5-VL-7B (mr1jax runs the
-same recipe on Qwen2-VL until the Qwen2.5-VL port lands).
+4K x 16 then 8K x 8 (100 steps each; optional 16K x 4). Backbone: Qwen2.5-VL-7B-Instruct, as in the paper
+(`hf_path`'s config.json says model_type qwen2_5_vl; `mr1jax.models.load_pretrained` builds the windowed
+vision tower from it).
 
 Data: cold-start rows carry the CoT response in the answer field (`--config.data.fields=...` mapping the
 response column to `answer`) for the SFT phase; RL rows are geometry3k style (`images`, `problem`,
 `answer`).
 
-Hardware (`python -m mr1jax.plan`, 2026-12-01; BUILD.md "Memory plan for the paper-scale configs"): a TPU v5p-8
+Hardware (`python -m mr1jax.plan`, 2026-12-01, planned on Qwen2-VL-7B before this config moved to Qwen2.5-VL-7B:
+same text decoder, 8,292,166,656 vs 8,291,375,616 parameters, and a vision tower whose windowed attention
+needs less memory; BUILD.md "Memory plan for the paper-scale configs"): a TPU v5p-8
 (fsdp over the 8 chips) or 8 x 80 GB H100s with the settings below (fp32 master weights + Adam, bf16 compute and
 reference). Per device, GRPO update incl. the resident reference: v5p-8 64.6 / 62.5 GiB of 95.7 (stage 1 / 2, at
 4 micro-batches: 8 uses less); 8 x H100 58.8 / 57.2 GiB of 79.6 (74 % / 72 %); SFT 37.1 GiB (v5p) / 49.9 GiB
@@ -23,7 +26,8 @@ from configs import grpo
 def get_config():
     c = grpo.get_config()
     c.mode = "sft_then_grpo"
-    c.model.hf_path = "/path/to/Qwen2-VL-7B-Instruct"
+    c.model.hf_path = "/path/to/Qwen2.5-VL-7B-Instruct"
+    c.model.family = "qwen2_5_vl"    # the tiny stand-in when hf_path is "" (config.json decides otherwise)
     c.model.dtype = "bfloat16"       # compute; master weights and Adam stay float32 (model.param_dtype)
     # Recompute each layer in the backward pass: the 7B update at 4K-8K tokens fits only with "full" (plan,
     # 2026-12-01; figures at rl.micro_batches).

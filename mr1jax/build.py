@@ -12,8 +12,7 @@ from mr1jax import sharding
 from mr1jax.data.rows import RowSource
 from mr1jax.data.tasks import TASKS
 from mr1jax.data.tokenizer import load_tokenizer, model_token_ids
-from mr1jax.models.qwen2_vl import Qwen2VL, Qwen2VLConfig
-from mr1jax.models.qwen2_vl.hf import load_pretrained
+from mr1jax.models import Qwen2VL, config_class, load_pretrained, model_class
 from mr1jax.models.qwen2_vl.model import set_attention_chunk
 
 #: ``config.model.dtype`` / ``config.model.param_dtype`` values.
@@ -29,7 +28,8 @@ def model_dtypes(c: ml_collections.ConfigDict) -> tuple[Any, Any]:
 def build_model(c: ml_collections.ConfigDict, mesh) -> tuple[Qwen2VL, Any]:
     """The policy on `mesh` (parameters in ``model.param_dtype``, compute in ``model.dtype``, remat as
     ``model.remat``, attention blocks of ``model.attention_chunk`` queries) and its tokenizer: from
-    ``model.hf_path``, or the tiny random model of ``model.tiny``."""
+    ``model.hf_path`` (its config.json's model_type picks Qwen2-VL or Qwen2.5-VL), or the tiny random model of
+    ``model.tiny`` in the family ``model.family`` (qwen2_vl | qwen2_5_vl)."""
     dtype, param_dtype = model_dtypes(c)
     remat = c.model.get("remat", "none")
     if c.model.hf_path:
@@ -37,12 +37,17 @@ def build_model(c: ml_collections.ConfigDict, mesh) -> tuple[Qwen2VL, Any]:
         tokenizer = load_tokenizer(c.model.tokenizer_path or c.model.hf_path)
         return set_attention_chunk(model, c.model.get("attention_chunk", 0)), tokenizer
     tokenizer = load_tokenizer(c.model.tokenizer_path or None)
-    cfg = Qwen2VLConfig.tiny(
-        vocab_size=len(tokenizer), hidden_size=c.model.tiny.hidden_size, num_layers=c.model.tiny.num_layers,
-        vision_depth=c.model.tiny.vision_depth, **model_token_ids(tokenizer))
-    model = Qwen2VL(cfg, rngs=nnx.Rngs(c.seed), dtype=dtype, param_dtype=param_dtype, remat=remat)
+    cfg = tiny_model_config(c, tokenizer)
+    model = model_class(cfg)(cfg, rngs=nnx.Rngs(c.seed), dtype=dtype, param_dtype=param_dtype, remat=remat)
     set_attention_chunk(model, c.model.get("attention_chunk", 0))
     return sharding.shard_model(model, mesh), tokenizer
+
+
+def tiny_model_config(c: ml_collections.ConfigDict, tokenizer):
+    """The tiny random model's config: family ``model.family``, sizes ``model.tiny``, the tokenizer's ids."""
+    return config_class(c.model.get("family", "qwen2_vl")).tiny(
+        vocab_size=len(tokenizer), hidden_size=c.model.tiny.hidden_size, num_layers=c.model.tiny.num_layers,
+        vision_depth=c.model.tiny.vision_depth, **model_token_ids(tokenizer))
 
 
 def build_rows(c: ml_collections.ConfigDict, split: str):

@@ -20,6 +20,7 @@ from mr1jax.build import MODEL_DTYPES
 from mr1jax.distributed import MODES as DISTRIBUTED_MODES
 from mr1jax.distributed import requested as distributed_requested
 from mr1jax.data.tasks import TASKS
+from mr1jax.models.families import FAMILIES
 from mr1jax.models.qwen2_vl.model import REMAT_POLICIES
 from mr1jax.rl import ADVANTAGE_SCALES, KL_ESTIMATORS, LOSS_AGGREGATIONS, SCHEDULE_NAMES, make_schedule
 from mr1jax.rl.ptst import Stage, parse_stages
@@ -37,6 +38,7 @@ CHOICES = {
     "model.dtype": tuple(MODEL_DTYPES),
     "model.param_dtype": tuple(MODEL_DTYPES),
     "model.remat": tuple(REMAT_POLICIES),
+    "model.family": tuple(FAMILIES),
     "rl.beta_schedule": tuple(SCHEDULE_NAMES),
     "rl.agg": tuple(LOSS_AGGREGATIONS),
     "rl.kl_estimator": tuple(KL_ESTIMATORS),
@@ -46,15 +48,16 @@ CHOICES = {
     "mode": MODES,
     "distributed.mode": DISTRIBUTED_MODES,
 }
-POSITIVE = ("total_steps", "data.batch_size", "data.prompt_bucket", "data.image_size", "rollout.num_samples",
+POSITIVE = ("total_steps", "data.batch_size", "data.prompt_bucket", "data.image_size", "data.images_per_prompt",
+            "rollout.num_samples",
             "rollout.max_new_tokens", "rl.updates_per_batch", "rl.minibatches", "rl.micro_batches", "sft.micro_batches", "checkpoint.every_steps",
             "checkpoint.max_to_keep", "optim.max_consecutive_skips")
 POSITIVE_REAL = ("optim.learning_rate", "sft.learning_rate", "rl.reward_timeout_s")
 FRACTIONS = ("rl.warmup_fraction", "sft.warmup_fraction", "sft.annotator_miss_rate")
 #: Fields a rerun in an existing work dir must keep: they fix the checkpoint's arrays and the data shapes.
-RUN_DIR_FIELDS = ("mode", "sft.steps", "model.hf_path", "model.tiny", "model.param_dtype", "model.dtype",
-                  "data.task", "data.train_files", "data.tfds", "data.image_size", "data.prompt_bucket",
-                  "data.batch_size")
+RUN_DIR_FIELDS = ("mode", "sft.steps", "model.hf_path", "model.family", "model.tiny", "model.param_dtype",
+                  "model.dtype", "data.task", "data.train_files", "data.tfds", "data.image_size", "data.prompt_bucket",
+                  "data.batch_size", "data.images_per_prompt")
 
 
 def _get(c: ml_collections.ConfigDict, dotted: str) -> Any:
@@ -117,6 +120,9 @@ def log_every(c: ml_collections.ConfigDict) -> int:
     return c.log_every or max(1, sum(phase_steps(c)) // 75)
 
 
+_FIELD_DEFAULTS = {"model.family": "qwen2_vl", "data.images_per_prompt": 1}
+
+
 def run_dir_conflicts(c: ml_collections.ConfigDict, saved: dict[str, Any]) -> list[str]:
     """'config.f: this run X, the dir's run Y' for each `RUN_DIR_FIELDS` field that differs between `c` and the
     config.json of the run already in a work dir (`saved`)."""
@@ -127,6 +133,8 @@ def run_dir_conflicts(c: ml_collections.ConfigDict, saved: dict[str, Any]) -> li
         for part in field.split("."):
             a = a.get(part) if isinstance(a, dict) else None
             b = b.get(part) if isinstance(b, dict) else None
+        if field in _FIELD_DEFAULTS:  # runs from before the field existed had its default
+            a, b = (_FIELD_DEFAULTS[field] if v is None else v for v in (a, b))
         if isinstance(a, dict) or isinstance(b, dict):
             fa, fb = _flat_fields(a or {}), _flat_fields(b or {})
             out += [f"config.{field}.{k}: this run {fa.get(k)!r}, the dir's run {fb.get(k)!r}"

@@ -53,7 +53,10 @@ and A = layers * heads * head_dim (text) / A_v (vision):
   rollout        = prefill 2*N_d*P*L + 2*V*H*P + 4*A*P*L*S + vision
                    + T decode steps of R rows: T * R * (2*N_d + 2*V*H + 4*A*S)   (every row runs to T)
 These are model FLOPs (as MFU counts them): recomputation by rematerialisation (`--remat`, the checkpointed LM-head
-chunks) is not included. Attention is counted over full (masked) score matrices, as the model computes them. XLA's cost analysis
+chunks) is not included. Attention is counted over full (masked) score matrices, as the model computes them
+(Qwen2.5-VL's windowed vision blocks: n_p x min(n_p, 3 W^2) scores per head, W^2 the patches of one window, the
+blocks the windowed attention computes). P counts images (prompts x data.images_per_prompt) in the vision
+terms. XLA's cost analysis
 counts a loop body once (the micro-batch `lax.scan` of the update, the decode `while_loop` of the sampler),
 and undercounts collective matmuls on 8+ TPU chips, so its column is a lower bound; trust the analytic one.
 """
@@ -114,12 +117,13 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P  # noqa: E402
 
 from mr1jax import sharding, steps  # noqa: E402
 from mr1jax.accelerators import ACCELERATORS, GiB, for_topology  # noqa: E402
-from mr1jax.models.qwen2_vl import Qwen2VL, Qwen2VLConfig  # noqa: E402
+from mr1jax.models import Qwen25VLConfig, Qwen2VLConfig, config_from_hf, model_class  # noqa: E402
 from mr1jax.models.qwen2_vl.model import set_attention_chunk  # noqa: E402
 from mr1jax.rl.ptst import Stage  # noqa: E402
 from mr1jax.train_steps import grpo_config, sft_config, updates_per_rl_step  # noqa: E402
 
-PRESETS = ("qwen2_vl_2b_instruct", "qwen2_vl_7b_instruct", "tiny")
+PRESETS = ("qwen2_vl_2b_instruct", "qwen2_vl_7b_instruct", "qwen2_5_vl_3b_instruct", "qwen2_5_vl_7b_instruct",
+           "tiny")
 
 
 class PlanError(ValueError):
@@ -133,14 +137,18 @@ def resolve_model_config(c: ml_collections.ConfigDict, preset: str | None) -> tu
     builds it."""
     path = c.model.hf_path
     if path and os.path.isfile(os.path.join(path, "config.json")) and preset is None:
-        return Qwen2VLConfig.from_hf(path), os.path.basename(path.rstrip("/")), f"{path}/config.json"
+        return config_from_hf(path), os.path.basename(path.rstrip("/")), f"{path}/config.json"
     if preset is not None:
         how = "--preset"
     elif path:
         name = os.path.basename(path.rstrip("/")).upper()
-        preset = "qwen2_vl_7b_instruct" if "7B" in name else "qwen2_vl_2b_instruct" if "2B" in name else None
+        if "2.5" in name or "2_5" in name:
+            preset = "qwen2_5_vl_7b_instruct" if "7B" in name else "qwen2_5_vl_3b_instruct" if "3B" in name else None
+        else:
+            preset = "qwen2_vl_7b_instruct" if "7B" in name else "qwen2_vl_2b_instruct" if "2B" in name else None
         if preset is None:
-            raise PlanError(f"no {path}/config.json and the path names no model size ('2B' / '7B'); pass "
+            raise PlanError(f"no {path}/config.json and the path names no model size ('2B' / '7B', or '3B' / '7B' "
+                            f"with '2.5'); pass "
                             f"--preset={'|'.join(PRESETS)}")
         how = f"no {path}/config.json; size inferred from the path name"
     else:
@@ -148,14 +156,12 @@ def resolve_model_config(c: ml_collections.ConfigDict, preset: str | None) -> tu
     if preset not in PRESETS:
         raise PlanError(f"--preset={preset!r}; choose one of {', '.join(PRESETS)}")
     if preset != "tiny":
-        return getattr(Qwen2VLConfig, preset)(), preset, how
-    from mr1jax.data.tokenizer import load_tokenizer, model_token_ids
+        family = Qwen25VLConfig if preset.startswith("qwen2_5_vl") else Qwen2VLConfig
+        return getattr(family, preset)(), preset, how
+    from mr1jax.build import tiny_model_config
+    from mr1jax.data.tokenizer import load_tokenizer
 
-    tokenizer = load_tokenizer(c.model.tokenizer_path or None)
-    cfg = Qwen2VLConfig.tiny(vocab_size=len(tokenizer), hidden_size=c.model.tiny.hidden_size,
-                             num_layers=c.model.tiny.num_layers, vision_depth=c.model.tiny.vision_depth,
-                             **model_token_ids(tokenizer))
-    return cfg, "tiny", how
+    return tiny_model_config(c, load_tokenizer(c.model.tokenizer_path or None)), "tiny", how
 
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -164,7 +170,7 @@ _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 def abstract_model(cfg: Qwen2VLConfig, dtype, param_dtype=None, remat: str = "none", attention_chunk: int = 0
                    ) -> tuple[nnx.GraphDef, nnx.State]:
     """(graphdef, state of ShapeDtypeStructs): no parameter is allocated."""
-    model = nnx.eval_shape(lambda: Qwen2VL(cfg, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=param_dtype or dtype,
+    model = nnx.eval_shape(lambda: model_class(cfg)(cfg, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=param_dtype or dtype,
                                            remat=remat))
     set_attention_chunk(model, attention_chunk)
     return nnx.split(model)
@@ -203,6 +209,7 @@ class Shapes:
     image_tokens: int       # <|image_pad|> tokens per image
     minibatch_prompts: int  # prompts per optimizer step (P / rl.minibatches)
     micro_batches: int
+    images_per_prompt: int = 1  # data.images_per_prompt
 
     @property
     def rows(self) -> int:
@@ -220,7 +227,8 @@ def stage_shapes(c: ml_collections.ConfigDict, model_cfg: Qwen2VLConfig, stage: 
     return Shapes(prompts=c.data.batch_size, num_samples=stage.num_samples, max_new_tokens=stage.max_new_tokens,
                   prompt_len=c.data.prompt_bucket, image_size=c.data.image_size, patches=patches,
                   image_tokens=patches // v.spatial_merge_size ** 2,
-                  minibatch_prompts=c.data.batch_size // c.rl.minibatches, micro_batches=c.rl.micro_batches)
+                  minibatch_prompts=c.data.batch_size // c.rl.minibatches, micro_batches=c.rl.micro_batches,
+                  images_per_prompt=int(_opt(c, "data.images_per_prompt", 1)))
 
 
 # ---------------------------------------------------------------------------------------------- FLOPs
@@ -228,26 +236,28 @@ def _forward_flops(m: Qwen2VLConfig, n: ParamCounts, rows: int, seq: int, logit_
                    patches: int) -> float:
     t, v = m.text, m.vision
     attn = 4 * t.num_layers * t.num_heads * t.head_dim
-    vattn = 4 * v.depth * v.num_heads * v.head_dim
+    full = len(getattr(v, "fullatt_block_indexes", range(v.depth)))    # Qwen2-VL: every block attends fully
+    keys = full * patches + (v.depth - full) * min(patches, 3 * getattr(v, "window_patches", 0) ** 2)
     head = t.vocab_size * t.hidden_size
     return (2 * n.decoder * rows * seq + 2 * head * rows * logit_positions + attn * rows * seq ** 2
-            + 2 * n.vision * images * patches + vattn * images * patches ** 2)
+            + 2 * n.vision * images * patches + 4 * v.num_heads * v.head_dim * images * patches * keys)
 
 
 def analytic_flops(step: str, m: Qwen2VLConfig, n: ParamCounts, s: Shapes, sft_seq: int = 0) -> float:
     """Whole-step FLOPs (all devices) by the formulas of the module docstring."""
+    k = s.images_per_prompt
     if step == "grpo_update":
         p = s.minibatch_prompts
-        return 3 * _forward_flops(m, n, p * s.num_samples, s.seq, s.max_new_tokens, p, s.patches)
+        return 3 * _forward_flops(m, n, p * s.num_samples, s.seq, s.max_new_tokens, p * k, s.patches)
     if step == "token_logprobs":
-        return _forward_flops(m, n, s.rows, s.seq, s.max_new_tokens, s.prompts, s.patches)
+        return _forward_flops(m, n, s.rows, s.seq, s.max_new_tokens, s.prompts * k, s.patches)
     if step == "sft_update":
-        return 3 * _forward_flops(m, n, s.prompts, sft_seq, sft_seq - 1, s.prompts, s.patches)
+        return 3 * _forward_flops(m, n, s.prompts, sft_seq, sft_seq - 1, s.prompts * k, s.patches)
     if step == "rollout":
         t = m.text
         attn = 4 * t.num_layers * t.num_heads * t.head_dim
         head = t.vocab_size * t.hidden_size
-        prefill = _forward_flops(m, n, s.prompts, s.prompt_len, 1, s.prompts, s.patches) \
+        prefill = _forward_flops(m, n, s.prompts, s.prompt_len, 1, s.prompts * k, s.patches) \
             - attn * s.prompts * s.prompt_len ** 2 + attn * s.prompts * s.prompt_len * s.seq
         decode = s.max_new_tokens * s.rows * (2 * n.decoder + 2 * head + attn * s.seq)
         return prefill + decode
@@ -349,7 +359,7 @@ class Programs:
         cfg = grpo_config(self.c, stage)
         self._check_split("grpo_update", p, cfg.micro_batches)
         spec = steps.grpo_batch_spec(self.cfg, cfg, p, s.image_size, s.max_new_tokens, with_ref=self.kl,
-                                     with_old=self._several_updates())
+                                     with_old=self._several_updates(), images_per_prompt=s.images_per_prompt)
         jitted = steps.jit_grpo_update(self.graphdef, self.mesh, self.shardings, spec, tx=self.rl_tx, cfg=cfg)
         beta = _sds((), jnp.float32, self.replicated)
         return StepProgram("grpo_update", jitted, (self.params, self.opt_state, self._batch(spec), beta),
@@ -360,7 +370,8 @@ class Programs:
         """The log-prob pass over the whole rollout batch: the reference's (KL on), else pi_old's."""
         cfg = grpo_config(self.c, stage, whole_batch=True)
         self._check_split("token_logprobs", s.prompts, cfg.micro_batches)
-        spec = steps.grpo_batch_spec(self.cfg, cfg, s.prompts, s.image_size, s.max_new_tokens, with_ref=False)
+        spec = steps.grpo_batch_spec(self.cfg, cfg, s.prompts, s.image_size, s.max_new_tokens, with_ref=False,
+                                     images_per_prompt=s.images_per_prompt)
         params = self.ref_params if self.kl else self.params
         jitted = steps.jit_token_logprobs(self.graphdef, self.mesh, self.shardings.params, spec, cfg=cfg)
         return StepProgram("token_logprobs", jitted, (params, self._batch(spec)),
@@ -370,7 +381,7 @@ class Programs:
     def sft_update(self, s: Shapes, seq: int) -> StepProgram:
         rows, cfg = s.prompts, sft_config(self.c)
         self._check_split("sft_update", rows, cfg.micro_batches)
-        spec = steps.sft_batch_spec(self.cfg, rows, seq, s.image_size)
+        spec = steps.sft_batch_spec(self.cfg, rows, seq, s.image_size, s.images_per_prompt)
         jitted = steps.jit_sft_update(self.graphdef, self.mesh, self.shardings, spec, tx=self.sft_tx, cfg=cfg)
         return StepProgram("sft_update", jitted, (self.params, self.opt_state, self._batch(spec)),
                            f"{rows} rows x {seq}, {cfg.micro_batches} micro", self.resident("sft", "params", "opt_state"))
@@ -385,7 +396,7 @@ class Programs:
         rep = self.replicated
         p, length, g, t = s.prompts, s.prompt_len, s.num_samples, s.max_new_tokens
         self._check_split("rollout", p, 1)
-        npatch = p * s.patches
+        npatch = p * s.images_per_prompt * s.patches
         i32, f32 = jnp.int32, jnp.float32
         key = jax.eval_shape(lambda: jax.random.key(0))
         args = (self.params, _sds((p, length), i32, rows), _sds((p, length), i32, rows),
@@ -397,7 +408,7 @@ class Programs:
 
         def fn(state, ids, mask, pos, deltas, pixels, patch_pos, rng, temperature, top_k, top_p, eos, suppress):
             return _rollout(graphdef, state, ids, mask, pos, deltas, pixels, patch_pos, None, rng, temperature,
-                            top_k, top_p, eos, suppress, patch_segments=p, num_samples=g, max_new_tokens=t)
+                            top_k, top_p, eos, suppress, patch_segments=p * s.images_per_prompt, num_samples=g, max_new_tokens=t)
 
         in_sh = (self.shardings.params,) + tuple(a.sharding for a in args[1:])
         jitted = jax.jit(fn, in_shardings=in_sh, out_shardings=(rows, rows, rows, rows))

@@ -54,7 +54,8 @@ def rollout_batch(model, tokenizer, batch, stage: Stage, c, rng, mesh=None) -> t
     full_ids = np.concatenate([np.repeat(batch.input_ids, g, 0), tokens], 1)
     full_mask = np.concatenate([np.repeat(batch.attention_mask, g, 0), mask], 1)
     cfg = model.config
-    positions = prepare_inputs(cfg, full_ids, full_mask, np.repeat(batch.image_grid_thw, g, 0)).position_ids
+    grids = np.asarray(batch.image_grid_thw).reshape(len(batch.input_ids), -1, 3)     # a prompt's images stay together
+    positions = prepare_inputs(cfg, full_ids, full_mask, np.repeat(grids, g, 0).reshape(-1, 3)).position_ids
     prompt_extra = prepare_inputs(cfg, batch.input_ids, batch.attention_mask, batch.image_grid_thw)
     host_batch = dict(input_ids=full_ids.astype(np.int32), attention_mask=full_mask.astype(np.int32),
                       position_ids=positions.astype(np.int32), pixel_values=np.asarray(batch.pixel_values, np.float32),

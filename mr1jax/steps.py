@@ -129,12 +129,12 @@ def _patches_per_image(config: Qwen2VLConfig, image_size: int) -> int:
 
 
 def grpo_batch_spec(config: Qwen2VLConfig, cfg: GRPOConfig, prompts: int, image_size: int, max_new_tokens: int,
-                    *, with_ref: bool = True, with_old: bool = False, with_sampler: bool = True
-                    ) -> dict[str, jax.ShapeDtypeStruct]:
+                    *, with_ref: bool = True, with_old: bool = False, with_sampler: bool = True,
+                    images_per_prompt: int = 1) -> dict[str, jax.ShapeDtypeStruct]:
     """Abstract rollout batch as the loop builds it: `prompts` x G rows of prompt_len + max_new_tokens tokens,
-    one image_size x image_size image per prompt."""
+    `images_per_prompt` image_size x image_size images per prompt."""
     rows, seq, t = prompts * cfg.num_samples, cfg.prompt_len + max_new_tokens, max_new_tokens
-    n = prompts * _patches_per_image(config, image_size)
+    n = prompts * images_per_prompt * _patches_per_image(config, image_size)
     s = jax.ShapeDtypeStruct
     spec = dict(input_ids=s((rows, seq), jnp.int32), attention_mask=s((rows, seq), jnp.int32),
                 position_ids=s((3, rows, seq), jnp.int32), pixel_values=s((n, config.vision.patch_dim), jnp.float32),
@@ -146,10 +146,10 @@ def grpo_batch_spec(config: Qwen2VLConfig, cfg: GRPOConfig, prompts: int, image_
     return spec
 
 
-def sft_batch_spec(config: Qwen2VLConfig, examples: int, seq_len: int, image_size: int
+def sft_batch_spec(config: Qwen2VLConfig, examples: int, seq_len: int, image_size: int, images_per_prompt: int = 1
                    ) -> dict[str, jax.ShapeDtypeStruct]:
-    """Abstract SFT batch: `examples` sequences of seq_len tokens, one image each."""
-    n = examples * _patches_per_image(config, image_size)
+    """Abstract SFT batch: `examples` sequences of seq_len tokens, `images_per_prompt` images each."""
+    n = examples * images_per_prompt * _patches_per_image(config, image_size)
     s = jax.ShapeDtypeStruct
     return dict(input_ids=s((examples, seq_len), jnp.int32), attention_mask=s((examples, seq_len), jnp.int32),
                 loss_mask=s((examples, seq_len), jnp.int32), position_ids=s((3, examples, seq_len), jnp.int32),

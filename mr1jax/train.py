@@ -48,7 +48,7 @@ from mr1jax.models.qwen2_vl.hf import save_pretrained
 from mr1jax.plots import plot_curves
 from mr1jax.rl import rewards as rw
 from mr1jax.rl.ptst import is_stage_boundary, stage_at
-from mr1jax.train_steps import StepFunctions, rl_step, sft_step, start_rl, updates_per_rl_step
+from mr1jax.train_steps import StepFunctions, images_per_prompt, rl_step, sft_step, start_rl, updates_per_rl_step
 
 #: Exit statuses of `python -m mr1jax.train` (README, "Two commands"): 0 finished (or stopped at max_steps),
 #: 1 an unexpected error, 2 a config / work dir problem found before training (bad field, work dir in use
@@ -314,8 +314,8 @@ def _train(c: ml_collections.ConfigDict, workdir: str, stages, devices) -> dict[
     data_iter = iter(make_rl_dataset(
         train_rows, tokenizer=tokenizer, batch_size=local_prompts, image_size=c.data.image_size,
         prompt_buckets=(c.data.prompt_bucket,), seed=c.seed, question_template=c.data.question_template,
-        pad_to_max_bucket=True, skip_bad_rows=c.data.skip_bad_rows, shard_index=jax.process_index(),
-        shard_count=processes))
+        pad_to_max_bucket=True, skip_bad_rows=c.data.skip_bad_rows, images_per_prompt=images_per_prompt(c),
+        shard_index=jax.process_index(), shard_count=processes))
     sft_trace = annotator_trace(c.sft.annotator_miss_rate, c.sft.annotator_min_count, c.seed)
     sft_len = c.data.prompt_bucket + max(s.max_new_tokens for s in stages)
     say(f"data: {len(train_rows)} train rows, {len(eval_rows) if eval_rows is not None else 'no'} eval rows, "

@@ -83,9 +83,15 @@ class StepFunctions:
         return out
 
 
+def images_per_prompt(c: ml_collections.ConfigDict) -> int:
+    """``data.images_per_prompt`` (1 for configs written before the field existed)."""
+    return int(c.data.get("images_per_prompt", 1))
+
+
 def sft_config(c: ml_collections.ConfigDict) -> SFTConfig:
     m = c.sft.micro_batches
-    return SFTConfig(micro_batches=m, patch_segments=c.data.batch_size // m, logit_chunk=c.model.logit_chunk)
+    return SFTConfig(micro_batches=m, patch_segments=c.data.batch_size // m * images_per_prompt(c),
+                     logit_chunk=c.model.logit_chunk)
 
 
 def grpo_config(c: ml_collections.ConfigDict, stage: Stage, *, whole_batch: bool = False) -> GRPOConfig:
@@ -96,7 +102,8 @@ def grpo_config(c: ml_collections.ConfigDict, stage: Stage, *, whole_batch: bool
     return GRPOConfig(num_samples=stage.num_samples, prompt_len=c.data.prompt_bucket, eps_low=c.rl.eps_low,
                       eps_high=c.rl.eps_high, agg=c.rl.agg, kl_estimator=c.rl.kl_estimator,
                       k3_clamp=c.rl.k3_clamp or None, micro_batches=micro,
-                      patch_segments=per_update // c.rl.micro_batches, logit_chunk=c.model.logit_chunk)
+                      patch_segments=per_update // c.rl.micro_batches * images_per_prompt(c),
+                      logit_chunk=c.model.logit_chunk)
 
 
 def updates_per_rl_step(c: ml_collections.ConfigDict) -> int:
@@ -111,7 +118,7 @@ def sft_step(state: st.TrainState, fns: StepFunctions, tokenizer, model_config, 
     t0 = time.perf_counter()
     b = sft_batch(tokenizer, examples, image_size=c.data.image_size, seq_len=seq_len,
                   question_template=c.data.question_template, response_fn=response_fn,
-                  skip_bad_rows=c.data.skip_bad_rows, spare=spare)
+                  skip_bad_rows=c.data.skip_bad_rows, spare=spare, images_per_prompt=images_per_prompt(c))
     batch = st.put_batch(sft_update_batch(model_config, b), fns.mesh)
     params, opt_state, m = fns.sft(state.params, state.opt_state, batch, sft_config(c))
     state = state.replace(params=params, opt_state=opt_state, step=state.step + 1)

@@ -117,11 +117,13 @@ def run_compare(args) -> None:
     transformers.utils.logging.disable_progress_bar()
     n_threads = os.cpu_count() or 1
     torch.set_num_threads(n_threads)
-    cfg = bench_config()
+    cfg = bench_config(args.family)
     batch = args.batch_size or 1
-    seq_len = args.seq_len or 128
-    grid = image_grid(cfg, args.image_size or 224)
+    image_size = args.image_size or (448 if args.family == "qwen2_5_vl" else 224)
+    grid = image_grid(cfg, image_size)
+    seq_len = args.seq_len or max(128, grid[0] * grid[1] * grid[2] // 4 + 64)
 
+    print(f"family {args.family} ({type(cfg).__name__}); image {image_size} px")
     print(f"jax {jax.__version__} on {jax.devices()[0].platform} ({jax.device_count()} device(s)); "
           f"torch {torch.__version__} with {n_threads} threads; cpu_count {n_threads}")
     t0 = time.perf_counter()
@@ -179,11 +181,31 @@ def run_compare(args) -> None:
     torch_logits = run_torch().float().numpy()  # warm-up 1 (also the parity reference)
     run_torch()                                 # warm-up 2
 
-    jax_times, torch_times = [], []
+    # ---- the vision tower alone (jitted image_features vs torch's visual module, eager).
+    def vis(state, pixel_values, patch_pos):
+        return nnx.merge(graphdef, state).image_features(pixel_values, patch_pos, segments)
+
+    vis_compiled = jax.jit(vis).lower(state, jargs[3], jargs[4]).compile()
+    tpv, tgrid = tkw["pixel_values"], tkw["image_grid_thw"]
+
+    def run_jax_vision():
+        vis_compiled(state, jargs[3], jargs[4]).block_until_ready()
+
+    def run_torch_vision():
+        with torch.inference_mode():
+            return hf_model.model.visual(tpv, grid_thw=tgrid).pooler_output
+
+    run_jax_vision()
+    vis_ref = run_torch_vision().float().numpy()
+    vis_diff = float(np.abs(np.asarray(vis_compiled(state, jargs[3], jargs[4])) - vis_ref).max())
+
+    jax_times, torch_times, jax_vis, torch_vis = [], [], [], []
     jax_load, torch_load = OtherLoad(), OtherLoad()
     for n in split_iters(args.iters, args.rounds):
         jax_times += timed(run_jax, n, jax_load)
         torch_times += timed(run_torch, n, torch_load)
+        jax_vis += timed(run_jax_vision, n)
+        torch_vis += timed(run_torch_vision, n)
 
     valid = attention_mask.astype(bool)
     jl = np.asarray(jax_logits, dtype=np.float32)[valid]
@@ -201,9 +223,13 @@ def run_compare(args) -> None:
     for name, ms, times in (("mr1jax jit forward (fp32)", jax_ms, jax_times),
                             ("torch eager forward (fp32)", torch_ms, torch_times)):
         print(f"{name:<34} {ms:>10.1f} {1e3 * min(times):>9.1f} {n_valid / (ms / 1e3):>10.1f}")
+    jv, tv = 1e3 * statistics.median(jax_vis), 1e3 * statistics.median(torch_vis)
+    print(f"{'mr1jax jit vision tower':<34} {jv:>10.1f} {1e3 * min(jax_vis):>9.1f} {'':>10}")
+    print(f"{'torch eager vision tower':<34} {tv:>10.1f} {1e3 * min(torch_vis):>9.1f} {'':>10}")
     print("-" * 66)
     print(f"speed-up torch/mr1jax: {speedup:.2f}x  (target >= {TARGET_SPEEDUP}x: "
-          f"{'MET' if speedup >= TARGET_SPEEDUP else 'NOT MET'})")
+          f"{'MET' if speedup >= TARGET_SPEEDUP else 'NOT MET'}); vision tower alone {tv / jv:.2f}x "
+          f"(max |diff| {vis_diff:.1e})")
     print(f"mr1jax compile (lower + compile): {compile_s:.1f}s; first call {1e3 * first_s:.0f} ms; "
           f"host prepare_inputs {1e3 * prep_s:.2f} ms (not in the timed forward)")
     print(f"timed runs: {args.iters} each in {len(split_iters(args.iters, args.rounds))} alternating round(s)")
@@ -304,7 +330,9 @@ def parse_args(argv=None):
     p.add_argument("--seq_len", type=int, default=None, help="prompt length incl. image tokens (default 128; "
                    "1024 with --device_2b)")
     p.add_argument("--image_size", type=int, default=None, help="square image side in pixels, one image per "
-                   "prompt (default 224; 448 with --device_2b)")
+                   "prompt (default 224; 448 with --family=qwen2_5_vl or --device_2b)")
+    p.add_argument("--family", default="qwen2_vl", choices=["qwen2_vl", "qwen2_5_vl"],
+                   help="model family of the ~100M CPU comparison (qwen2_5_vl: windowed vision tower)")
     p.add_argument("--iters", type=int, default=20, help="timed runs per implementation")
     p.add_argument("--rounds", type=int, default=4, help="alternating timing blocks (CPU comparison)")
     p.add_argument("--warmup", type=int, default=3, help="warm-up runs before timing (--device_2b)")

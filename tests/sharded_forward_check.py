@@ -1,7 +1,9 @@
 """Run in its own process (8 host CPU devices): sharded load + forward, and sharded greedy rollouts, equal
 the single-device ones.
 
-Invoked by tests/test_sharding.py; prints one line "MAXDIFF <float>" and exits non-zero on failure.
+Invoked by tests/test_sharding.py as ``sharded_forward_check.py [qwen2_vl | qwen2_5_vl]`` (the model family;
+Qwen2.5-VL runs its windowed vision tower on an image larger than one window); prints one line
+"MAXDIFF <float>" and exits non-zero on failure.
 """
 
 import os
@@ -17,8 +19,7 @@ import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from mr1jax import sharding as shd  # noqa: E402
-from mr1jax.models.qwen2_vl import Qwen2VL, Qwen2VLConfig, prepare_inputs  # noqa: E402
-from mr1jax.models.qwen2_vl.hf import load_pretrained, save_pretrained  # noqa: E402
+from mr1jax.models import config_class, load_pretrained, model_class, prepare_inputs, save_pretrained  # noqa: E402
 from mr1jax.sampling import generate  # noqa: E402
 from mr1jax.testing.hf_reference import make_batch  # noqa: E402
 
@@ -34,12 +35,13 @@ def jitted_logits(model, batch, extra):
     return fwd(state, ids, mask, extra.position_ids, pv, extra.patch_pos)
 
 
-def main() -> int:
+def main(family: str) -> int:
     assert jax.device_count() == 8, jax.devices()
-    cfg = Qwen2VLConfig.tiny(vocab_size=512, hidden_size=64, num_layers=2, vision_depth=2)
-    single = Qwen2VL(cfg, rngs=nnx.Rngs(0))
-    rows = [{"text": 9, "images": [(1, 4, 4)]}, {"text": 4, "images": [(1, 4, 4)]}, {"text": 12},
-            {"text": 5, "images": [(1, 4, 4)]}]
+    cfg = config_class(family).tiny(vocab_size=512, hidden_size=64, num_layers=2, vision_depth=2)
+    single = model_class(cfg)(cfg, rngs=nnx.Rngs(0))
+    side = 4 if family == "qwen2_vl" else 8   # 8 x 8 patches: four of the tiny Qwen2.5-VL's 4 x 4 windows
+    rows = [{"text": 9, "images": [(1, side, side)]}, {"text": 4, "images": [(1, side, side)]}, {"text": 12},
+            {"text": 5, "images": [(1, side, side)]}]
     ids, mask, pv, grid = make_batch(cfg, rows, seed=1)
     extra = prepare_inputs(cfg, ids, mask, grid)
     ref = np.asarray(jitted_logits(single, (ids, mask, pv, grid), extra))
@@ -53,7 +55,8 @@ def main() -> int:
     q = sharded.model.layers.self_attn.q_proj.kernel[...]
     assert q.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor"), q.sharding.spec
     assert q.addressable_shards[0].data.shape == (2, 32, 32), q.addressable_shards[0].data.shape
-    fc1 = sharded.visual.blocks.fc1.kernel[...]
+    blocks = sharded.visual.blocks
+    fc1 = (blocks.fc1 if family == "qwen2_vl" else blocks.mlp.gate_proj).kernel[...]
     assert fc1.sharding.spec[0] is None, fc1.sharding.spec
     emb = sharded.model.embed_tokens.embedding[...]
     assert emb.sharding.spec == jax.sharding.PartitionSpec("tensor", "fsdp"), emb.sharding.spec
@@ -80,4 +83,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(sys.argv[1] if len(sys.argv) > 1 else "qwen2_vl"))

@@ -95,8 +95,12 @@ def test_geometry3k_jsonl_and_generated_ids(tmp_path):
         for i in range(3)
     ])
     src = RowSource(path, "geometry3k")
-    assert PRESETS["easyr1"] == PRESETS["geometry3k"]
     assert [src[i]["image"] for i in range(3)] == [str(tmp_path / n) for n in names]  # the first image
+    assert PRESETS["easyr1"].image_index is None                          # EasyR1: every image, in order
+    every = RowSource(path, "easyr1")
+    assert [every[i]["images"] for i in range(3)] == [[str(tmp_path / names[i]), str(tmp_path / names[(i + 1) % 3])]
+                                                      for i in range(3)]
+    assert every.text_fields(0)["num_images"] == 2 and src.text_fields(0)["num_images"] == 1
     assert src[1]["question"] == "<image>Find x1." and src[1]["answer"] == "4"  # numbers become strings
     assert src[1]["id"] == "geo.jsonl:2"
     with pytest.raises(DataError, match=r"geo\.jsonl line 1: field 'question': missing question"):

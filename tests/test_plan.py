@@ -15,7 +15,7 @@ import pytest
 
 from mr1jax import plan as plan_mod
 from mr1jax.accelerators import ACCELERATORS, for_topology
-from mr1jax.models.qwen2_vl import Qwen2VLConfig
+from mr1jax.models import Qwen25VLConfig, Qwen2VLConfig
 from mr1jax.rl.ptst import Stage
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -83,7 +83,7 @@ def test_resolve_model_config(tmp_path):
     cfg, name, how = plan_mod.resolve_model_config(othink_counting.get_config(), None)
     assert name == "qwen2_vl_2b_instruct" and "inferred" in how and cfg == Qwen2VLConfig.qwen2_vl_2b_instruct()
     cfg, name, _ = plan_mod.resolve_model_config(vision_r1.get_config(), None)
-    assert name == "qwen2_vl_7b_instruct" and cfg.text.hidden_size == 3584
+    assert name == "qwen2_5_vl_7b_instruct" and cfg == Qwen25VLConfig.qwen2_5_vl_7b_instruct()
     c = othink_counting.get_config()
     c.model.hf_path = str(tmp_path / "my-model")
     with pytest.raises(plan_mod.PlanError, match="--preset"):

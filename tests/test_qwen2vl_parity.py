@@ -11,7 +11,7 @@ import torch
 
 from mr1jax.models.qwen2_vl import prepare_inputs
 from mr1jax.models.qwen2_vl.hf import load_pretrained, save_pretrained
-from mr1jax.testing.hf_reference import hf_logits, make_batch
+from mr1jax.testing.hf_reference import hf_logits, hf_rope_index, make_batch, valid_max_diff
 
 TOL = 1e-4
 
@@ -26,9 +26,7 @@ BATCHES = {
 }
 
 
-def _valid_max_diff(ours, ref, mask):
-    valid = np.asarray(mask).astype(bool)
-    return float(np.abs(np.asarray(ours) - ref)[valid].max())
+_valid_max_diff = valid_max_diff
 
 
 @pytest.mark.parametrize("batch", list(BATCHES))
@@ -77,12 +75,9 @@ def test_position_ids_exact(hf_tiny, batch):
     cfg, hf, _ = hf_tiny
     ids, mask, _, grid = make_batch(cfg, BATCHES[batch], seed=3)
     ours = prepare_inputs(cfg, ids, mask, grid)
-    tids = torch.as_tensor(ids, dtype=torch.long)
-    ref_pos, ref_delta = hf.model.get_rope_index(
-        tids, mm_token_type_ids=(tids == cfg.image_token_id).int(), image_grid_thw=torch.as_tensor(grid),
-        attention_mask=torch.as_tensor(mask))
-    np.testing.assert_array_equal(ours.position_ids, ref_pos.numpy())
-    np.testing.assert_array_equal(ours.rope_deltas, ref_delta.numpy().reshape(-1))
+    ref_pos, ref_delta = hf_rope_index(hf, cfg, ids, mask, grid)
+    np.testing.assert_array_equal(ours.position_ids, ref_pos)
+    np.testing.assert_array_equal(ours.rope_deltas, ref_delta)
 
 
 def _flat_hub_config(cfg) -> dict:

@@ -7,11 +7,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
 
 from mr1jax.models.qwen2_vl.hf import load_pretrained
 from mr1jax.sampling import compile_count, filter_logits, generate, kv_cache_bytes_per_token, sample_tokens
-from mr1jax.testing.hf_reference import make_batch
+from mr1jax.testing.hf_reference import hf_greedy, make_batch
 
 ROWS = [{"text": 10, "images": [(1, 4, 4)]}, {"text": 5, "images": [(1, 6, 4)]}, {"text": 7}]
 
@@ -27,11 +26,7 @@ def test_greedy_equals_transformers_generate(setup):
     cfg, hf, model, (ids, mask, pv, grid) = setup
     eos = cfg.eos_token_ids[0]
     ours = generate(model, ids, mask, pv, grid, max_new_tokens=24, temperature=0.0, eos_token_ids=[eos])
-    t = lambda a: torch.as_tensor(np.asarray(a), dtype=torch.long)  # noqa: E731
-    ref = hf.generate(input_ids=t(ids), attention_mask=t(mask), pixel_values=torch.as_tensor(pv),
-                      image_grid_thw=t(grid), mm_token_type_ids=(t(ids) == cfg.image_token_id).int(),
-                      do_sample=False, max_new_tokens=24, eos_token_id=eos,
-                      pad_token_id=cfg.pad_token_id)[:, ids.shape[1]:].numpy()
+    ref = hf_greedy(hf, cfg, ids, mask, pv, grid, 24, eos)
     tokens = np.asarray(ours.tokens)
     assert ref.shape[1] >= 1
     np.testing.assert_array_equal(tokens[:, :ref.shape[1]], ref)

@@ -16,9 +16,10 @@ from mr1jax import sharding as shd
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_sharded_forward_and_rollouts_equal_single_device():
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl"])
+def test_sharded_forward_and_rollouts_equal_single_device(family):
     env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu")
-    proc = subprocess.run([sys.executable, str(ROOT / "tests" / "sharded_forward_check.py")], env=env,
+    proc = subprocess.run([sys.executable, str(ROOT / "tests" / "sharded_forward_check.py"), family], env=env,
                           capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     line = [ln for ln in proc.stdout.splitlines() if ln.startswith("MAXDIFF")][0]

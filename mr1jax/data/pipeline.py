@@ -15,9 +15,11 @@ Graph built by :func:`make_rl_dataset`::
 Iterate with ``it = iter(ds)``; ``it.get_state()`` / ``it.set_state(state)`` save and restore
 the position exactly (grain's checkpointable iterator; the state is a small JSON-able dict).
 
-Shapes. Every image is resized to exactly ``image_size = (H, W)`` (multiples of 28), so
-``pixel_values`` is always ``[B * P, 1176]`` with ``P = (H/14) * (W/14)`` and every row has
-``P / 4`` ``<|image_pad|>`` tokens. The prompt length ``L`` is the smallest bucket of
+Shapes. Every image is resized to exactly ``image_size = (H, W)`` (multiples of 28), and every row
+carries ``images_per_prompt = k`` images (``example["images"]``, or the single ``example["image"]``;
+the chat template gets one placeholder per image, in the order given), so ``pixel_values`` is always
+``[B * k * P, 1176]`` with ``P = (H/14) * (W/14)`` and every row has ``k * P / 4`` ``<|image_pad|>``
+tokens. A row with another number of images raises :class:`DataError` naming it (or is skipped). The prompt length ``L`` is the smallest bucket of
 ``prompt_buckets`` that fits the batch's longest prompt: the number of distinct batch shapes
 (and so of jit compilations downstream) equals the number of buckets actually used. Pass
 ``pad_to_max_bucket=True`` for a single shape ``L = max(prompt_buckets)``.
@@ -38,9 +40,10 @@ state is its own (checkpoint every process's). Every process checks every row's 
 so the rows kept with ``skip_bad_rows`` are the same everywhere and a bad row stops every process.
 
 Bad rows. Rows are validated cheaply when the source is loaded (``mr1jax.data.rows``). Here,
-before the pipeline is built, every prompt is rendered and tokenized once (text only) and a row
-longer than ``max(prompt_buckets)`` raises :class:`DataError` naming file and row (or is skipped
-with ``skip_bad_rows``). An image that fails to decode when its row is read raises
+before the pipeline is built, every prompt is rendered and tokenized once (text only, image pads
+included) and a row longer than ``max(prompt_buckets)`` raises :class:`DataError` naming file and
+row, its token count and the bucket (or is skipped with ``skip_bad_rows``): prompts are never cut,
+so an image span is never split and the image features always match the image tokens. An image that fails to decode when its row is read raises
 :class:`DataError` naming file and row; with ``skip_bad_rows`` the row is dropped with a warning
 (the batch is filled from the following rows, so shapes stay static).
 """
@@ -59,7 +62,7 @@ from mr1jax.data.chat import IMAGE_PAD_TOKEN, build_messages, format_prompts
 from mr1jax.data.rows import DataError
 from mr1jax.data.vision import num_image_tokens, preprocess_images
 
-__all__ = ["RLBatch", "make_rl_dataset", "patches_per_image", "prepare_source", "render_question"]
+__all__ = ["RLBatch", "example_images", "make_rl_dataset", "patches_per_image", "prepare_source", "render_question"]
 
 logger = logging.getLogger(__name__)
 
@@ -75,8 +78,8 @@ class RLBatch:
     Attributes:
       input_ids: ``[B, L] int32``, left-padded with the tokenizer's pad id.
       attention_mask: ``[B, L] int32``, 0 on left padding.
-      pixel_values: ``[B * P, 1176] float32``, image by image in row order.
-      image_grid_thw: ``[B, 3] int64``, every row ``(1, H/14, W/14)``.
+      pixel_values: ``[B * k * P, 1176] float32``, image by image in row order (k images per row).
+      image_grid_thw: ``[B * k, 3] int64``, every row ``(1, H/14, W/14)``.
       answers: ``[B]`` object array of ground-truth answer strings.
       ids: ``[B]`` object array of example ids.
       questions: ``[B]`` object array of the raw question strings (before templating).
@@ -141,7 +144,27 @@ def _where(example: Mapping[str, Any]) -> tuple[str, int | None]:
 def _prompt_length_error(example: Mapping[str, Any], length: int, max_bucket: int) -> DataError:
     file, row = _where(example)
     return DataError(file, row, "question",
-                     f"prompt has {length} tokens (with the image), more than the largest bucket {max_bucket}")
+                     f"prompt has {length} tokens (with its image tokens), more than the largest prompt bucket "
+                     f"{max_bucket}; prompts are never cut (an image span would be split): raise the bucket "
+                     "(data.prompt_bucket) or skip such rows (data.skip_bad_rows)")
+
+
+def example_images(example: Mapping[str, Any]) -> list[Any]:
+    """The images of an example, in prompt order: ``example["images"]`` or ``[example["image"]]``."""
+    images = example.get("images")
+    return list(images) if images is not None else [example["image"]]
+
+
+def _num_images(example: Mapping[str, Any]) -> int:
+    if "num_images" in example:
+        return int(example["num_images"])
+    return len(example_images(example)) if ("images" in example or "image" in example) else 1
+
+
+def _image_count_error(example: Mapping[str, Any], count: int, images_per_prompt: int) -> DataError:
+    file, row = _where(example)
+    return DataError(file, row, "image", f"row has {count} image(s); every prompt of a batch must carry "
+                     f"images_per_prompt = {images_per_prompt} (static shapes)")
 
 
 class _Rows(Sequence):
@@ -175,12 +198,12 @@ def _text_fields(source: Sequence[Mapping[str, Any]], i: int) -> Mapping[str, An
 
 
 def _prompt_text(tokenizer: Any, question: str, *, system_prompt: str | None, question_template: str,
-                 image_tokens: int) -> str:
-    conversation = build_messages(render_question(question, question_template), 1, system_prompt)
+                 image_tokens: int, num_images: int = 1) -> str:
+    conversation = build_messages(render_question(question, question_template), num_images, system_prompt)
     text = tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
-    if text.count(IMAGE_PAD_TOKEN) != 1:
+    if text.count(IMAGE_PAD_TOKEN) != num_images:
         raise ValueError(f"chat template rendered {text.count(IMAGE_PAD_TOKEN)} {IMAGE_PAD_TOKEN!r} "
-                         f"placeholders for one image; expected 1")
+                         f"placeholders for {num_images} image(s)")
     return text.replace(IMAGE_PAD_TOKEN, IMAGE_PAD_TOKEN * image_tokens)
 
 
@@ -194,6 +217,7 @@ def prepare_source(
     question_template: str = "{question}",
     skip_bad_rows: bool = False,
     chunk_size: int = 512,
+    images_per_prompt: int = 1,
 ) -> tuple[_Rows, np.ndarray, list[DataError]]:
     """Check every row's question/answer and prompt length (text only, no image decoding).
 
@@ -203,8 +227,8 @@ def prepare_source(
       dropped (only with ``skip_bad_rows``).
 
     Raises:
-      DataError: a row with a missing/non-string question or answer, or whose prompt is longer
-        than ``max(prompt_buckets)`` (unless ``skip_bad_rows``).
+      DataError: a row with a missing/non-string question or answer, another number of images than
+        ``images_per_prompt``, or a prompt longer than ``max(prompt_buckets)`` (unless ``skip_bad_rows``).
     """
     image_tokens = patches_per_image(image_size) // 4
     max_bucket = max(int(b) for b in prompt_buckets)
@@ -227,10 +251,14 @@ def prepare_source(
                     bad(DataError(file, row, key, f"missing or empty {key}"))
                     break
             else:
+                if _num_images(example) != images_per_prompt:
+                    bad(_image_count_error(example, _num_images(example), images_per_prompt))
+                    continue
                 idx.append(i)
                 examples.append(example)
                 texts.append(_prompt_text(tokenizer, example["question"], system_prompt=system_prompt,
-                                          question_template=question_template, image_tokens=image_tokens))
+                                          question_template=question_template, image_tokens=image_tokens,
+                                          num_images=images_per_prompt))
         if not texts:
             continue
         for i, example, ids in zip(idx, examples, tokenizer(texts, add_special_tokens=False)["input_ids"]):
@@ -251,7 +279,7 @@ class _PrepareExample:
 
     def __call__(self, example: Mapping[str, Any]) -> dict[str, Any] | None:
         try:
-            pixel_values, grid = preprocess_images([example["image"]], fixed_size=self.image_size)
+            pixel_values, grid = preprocess_images(example_images(example), fixed_size=self.image_size)
         except (ValueError, OSError, TypeError) as e:
             file, row = _where(example)
             err = DataError(file, row, "image", str(e).removeprefix("image 0: ").removeprefix("image 0"))
@@ -261,7 +289,7 @@ class _PrepareExample:
             raise err from e
         return {
             "pixel_values": pixel_values,
-            "image_grid_thw": grid[0],
+            "image_grid_thw": grid,
             "question": example["question"],
             "answer": example["answer"],
             "id": str(example["id"]),
@@ -299,10 +327,10 @@ class _Collate:
         self.question_template = question_template
 
     def __call__(self, elements: Sequence[Mapping[str, Any]]) -> RLBatch:
-        conversations = [build_messages(render_question(e["question"], self.question_template), 1,
-                                        self.system_prompt) for e in elements]
-        grids = np.stack([e["image_grid_thw"] for e in elements])
-        counts = [[int(n)] for n in num_image_tokens(grids)]
+        conversations = [build_messages(render_question(e["question"], self.question_template),
+                                        len(e["image_grid_thw"]), self.system_prompt) for e in elements]
+        grids = np.concatenate([e["image_grid_thw"] for e in elements])
+        counts = [[int(n) for n in num_image_tokens(e["image_grid_thw"])] for e in elements]
         prompts = format_prompts(self.tokenizer, conversations, counts, buckets=self.buckets)
         return RLBatch(
             input_ids=prompts.input_ids,
@@ -344,6 +372,7 @@ def make_rl_dataset(
     prefetch_buffer_size: int | None = None,
     shard_index: int = 0,
     shard_count: int = 1,
+    images_per_prompt: int = 1,
 ) -> grain.IterDataset:
     """Build the RL prompt pipeline (see the module docstring for the graph and guarantees).
 
@@ -375,6 +404,8 @@ def make_rl_dataset(
         ``batch_size`` rows of each, so the processes' shares are disjoint, cover every row once per
         epoch, give the same global batches as one process would, and every process yields the same
         number of batches. ``batch_size`` is the per-process number of prompts.
+      images_per_prompt: images every row carries (``example["images"]``; 1 also takes ``example["image"]``),
+        each resized to ``image_size``; a row with another count raises ``DataError`` (or is skipped).
 
     Returns:
       A ``grain.IterDataset`` of :class:`RLBatch`; ``iter()`` gives a checkpointable iterator
@@ -406,6 +437,7 @@ def make_rl_dataset(
     rows, _, skipped = prepare_source(              # every process checks every row: the same rows are kept
         source, tokenizer=tokenizer, image_size=image_hw, prompt_buckets=buckets,
         system_prompt=system_prompt, question_template=question_template, skip_bad_rows=skip_bad_rows,
+        images_per_prompt=int(images_per_prompt),
     )
     if skipped:
         logger.warning("skipping %d row(s) whose prompt does not fit; first: %s", len(skipped), skipped[0])

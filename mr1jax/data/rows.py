@@ -2,7 +2,8 @@
 
 Every example is a plain dict::
 
-    {"image": bytes | str (absolute file path),   # encoded image, decoded later
+    {"image": bytes | str (absolute file path),   # encoded image, decoded later (the first one)
+     "images": [bytes | str, ...],                # every image the row uses, in order (FieldMap.image_index)
      "question": str, "answer": str, "id": str,
      "file": str, "row": int}                     # provenance, for error messages
 
@@ -17,7 +18,7 @@ preset          image                      question                 answer
 ==============  =========================  =======================  =====================================
 ``generic``     ``image``                  ``question``             ``answer``
 ``geometry3k``  ``images`` (list: first)   ``problem``              ``answer``
-(``easyr1``)
+``easyr1``      ``images`` (list: all)     ``problem``              ``answer``
 ``r1v``         ``image``                  ``problem``/``question``  ``solution``; ``<answer>X</answer>``
 (``superclevr``)                                                    -> ``X`` (R1-V's rule)
 ==============  =========================  =======================  =====================================
@@ -30,7 +31,9 @@ Image field values that are understood:
 * ``str`` -- a file path, relative paths resolved against ``image_root`` (default: the data
   file's directory); a ``data:image/...;base64,...`` URI is decoded to bytes; with
   ``FieldMap(image_base64=True)`` every string is taken as base64;
-* a list/tuple of any of these -- element ``FieldMap.image_index`` (default the first) is used.
+* a list/tuple of any of these -- element ``FieldMap.image_index`` (default the first) is used, or, with
+  ``image_index=None``, every element in order (several images per prompt: the chat template gets one
+  placeholder per image, in the order given).
 
 Validation. What is cheap is checked when the file is loaded: a missing/empty question or
 answer, a missing/empty/unsupported image value, a non-existent image file, bad base64. Image
@@ -129,7 +132,7 @@ class FieldMap:
       answer: answer field name(s).
       id: id field name(s); rows without one get ``"<file name>:<row>"``.
       extract_answer: apply :func:`extract_answer_tag` to the answer (R1-V ``solution``).
-      image_index: which element to use when the image field holds a list.
+      image_index: which element to use when the image field holds a list; None = all of them, in order.
       image_base64: treat every string image value as base64 (not a path).
     """
 
@@ -138,7 +141,7 @@ class FieldMap:
     answer: FieldNames = "answer"
     id: FieldNames = "id"
     extract_answer: bool = False
-    image_index: int = 0
+    image_index: int | None = 0
     image_base64: bool = False
 
     def columns(self) -> list[str]:
@@ -154,7 +157,7 @@ PRESETS: dict[str, FieldMap] = {
     "geometry3k": FieldMap(image="images", question="problem", answer="answer"),
     "r1v": FieldMap(image="image", question=("problem", "question"), answer="solution", extract_answer=True),
 }
-PRESETS["easyr1"] = PRESETS["geometry3k"]
+PRESETS["easyr1"] = FieldMap(image="images", question="problem", answer="answer", image_index=None)
 PRESETS["superclevr"] = PRESETS["r1v"]
 
 
@@ -216,11 +219,22 @@ def _b64(text: str, file: str, row: int, name: str) -> bytes:
     return data
 
 
+def _resolve_images(value: Any, fields: FieldMap, name: str, file: str, row: int, root: Path) -> list[bytes | str]:
+    """The row's images (`_resolve_image` each): every element of a list when ``fields.image_index`` is None."""
+    if fields.image_index is None and isinstance(value, (list, tuple)):
+        if not value:
+            raise DataError(file, row, name, "image list is empty")
+        return [_resolve_image(v, fields, f"{name}[{i}]", file, row, root) for i, v in enumerate(value)]
+    return [_resolve_image(value, fields, name, file, row, root)]
+
+
 def _resolve_image(value: Any, fields: FieldMap, name: str, file: str, row: int, root: Path) -> bytes | str:
     """Raw image value -> encoded ``bytes`` or an absolute, existing file path (cheap checks only)."""
     if isinstance(value, (list, tuple)):
         if not value:
             raise DataError(file, row, name, "image list is empty")
+        if fields.image_index is None:
+            raise DataError(file, row, name, "nested image list")
         if not -len(value) <= fields.image_index < len(value):
             raise DataError(file, row, name, f"image list has {len(value)} item(s), no index {fields.image_index}")
         value = value[fields.image_index]
@@ -324,7 +338,8 @@ class _Entry:
     question: str
     answer: str
     id: str
-    image: bytes | str | None  # resolved (JSON files); None = read lazily from the Parquet table
+    images: list[bytes | str] | None  # resolved (JSON files); None = read lazily from the Parquet table
+    num_images: int = 1
     table_index: int = -1
 
 
@@ -408,7 +423,7 @@ class RowSource(Sequence):
                 self.skip_reasons.append(e)
                 continue
             if table is not None:
-                entry.image = None  # re-read lazily from the table: no Python copy of the bytes
+                entry.images = None  # re-read lazily from the table: no Python copy of the bytes
                 entry.table_index = row - 1
             self._entries.append(entry)
 
@@ -427,34 +442,37 @@ class RowSource(Sequence):
         image_name, image_value = _lookup(record, f.image)
         if image_value is None:
             raise DataError(file, row, _field_label(f.image), "missing image")
-        image = _resolve_image(image_value, f, image_name, file, row, root)
+        images = _resolve_images(image_value, f, image_name, file, row, root)
         if self.validate_images:
-            check_image_decodes(image, file, row, image_name)
+            for image in images:
+                check_image_decodes(image, file, row, image_name)
         _, id_value = _lookup(record, f.id)
         ex_id = str(id_value) if id_value is not None else f"{Path(file).name}:{row}"
-        return _Entry(file_index, row, question, answer, ex_id, image)
+        return _Entry(file_index, row, question, answer, ex_id, images, len(images))
 
     # -- access ----------------------------------------------------------------------------
 
     def __len__(self) -> int:
         return len(self._entries)
 
-    def _image(self, entry: _Entry) -> bytes | str:
-        if entry.image is not None:
-            return entry.image
+    def _images(self, entry: _Entry) -> list[bytes | str]:
+        if entry.images is not None:
+            return entry.images
         table = self._tables[entry.file_index]
         assert table is not None
         file = str(self.paths[entry.file_index])
         name, value = _lookup(table.row(entry.table_index), self.fields.image)
-        return _resolve_image(value, self.fields, name, file, entry.row,
-                              self.image_root if self.image_root is not None else Path(file).parent)
+        return _resolve_images(value, self.fields, name, file, entry.row,
+                               self.image_root if self.image_root is not None else Path(file).parent)
 
     def __getitem__(self, index):  # type: ignore[override]
         if isinstance(index, slice):
             return [self[i] for i in range(*index.indices(len(self)))]
         entry = self._entries[index]
+        images = self._images(entry)
         return {
-            "image": self._image(entry),
+            "image": images[0],
+            "images": list(images),
             "question": entry.question,
             "answer": entry.answer,
             "id": entry.id,
@@ -463,9 +481,9 @@ class RowSource(Sequence):
         }
 
     def text_fields(self, index: int) -> dict[str, Any]:
-        """Like ``source[index]`` without the image (no Parquet image read)."""
+        """Like ``source[index]`` without the images (no Parquet image read); ``num_images`` counts them."""
         entry = self._entries[index]
-        return {"question": entry.question, "answer": entry.answer, "id": entry.id,
+        return {"question": entry.question, "answer": entry.answer, "id": entry.id, "num_images": entry.num_images,
                 "file": str(self.paths[entry.file_index]), "row": entry.row}
 
     # -- reporting -------------------------------------------------------------------------

@@ -16,7 +16,8 @@ from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
-from mr1jax.data.chat import IMAGE_PAD_TOKEN, build_messages
+from mr1jax.data.chat import IMAGE_PAD_TOKEN, _expand_image_pads, build_messages
+from mr1jax.data.pipeline import example_images
 from mr1jax.data.rows import DataError
 from mr1jax.data.vision import num_image_tokens, preprocess_images
 
@@ -50,17 +51,23 @@ def annotator_trace(miss_rate: float, min_count: int, seed: int) -> Callable[[di
 
 
 def _sft_example(tokenizer: Any, e: dict[str, Any], *, image_size: int, seq_len: int, response_fn, question_template,
-                 eos: int) -> tuple[np.ndarray, np.ndarray, list[int], list[int]]:
-    """(pixel values, grid [1, 3], prompt ids, response ids) of one example; DataError naming its file and line
-    when its image does not decode or it does not fit `seq_len`."""
+                 eos: int, images_per_prompt: int = 1) -> tuple[np.ndarray, np.ndarray, list[int], list[int]]:
+    """(pixel values, grid [k, 3], prompt ids, response ids) of one example with k = `images_per_prompt` images;
+    DataError naming its file and line when it has another number of images, an image does not decode or it
+    does not fit `seq_len`."""
     where = (e.get("file", "<in-memory rows>"), e.get("row"))
+    images = example_images(e)
+    if len(images) != images_per_prompt:
+        raise DataError(*where, "image", f"row has {len(images)} image(s); every SFT example must carry "
+                        f"images_per_prompt = {images_per_prompt} (static shapes)")
     try:
-        pixel_values, grid = preprocess_images([e["image"]], fixed_size=(image_size, image_size))
+        pixel_values, grid = preprocess_images(images, fixed_size=(image_size, image_size))
     except (ValueError, OSError, TypeError) as err:
         raise DataError(*where, "image", str(err).removeprefix("image 0").lstrip(": ")) from err
     question = question_template.replace("{question}", e["question"])
-    text = tokenizer.apply_chat_template(build_messages(question), tokenize=False, add_generation_prompt=True)
-    text = text.replace(IMAGE_PAD_TOKEN, IMAGE_PAD_TOKEN * int(num_image_tokens(grid)[0]), 1)
+    text = tokenizer.apply_chat_template(build_messages(question, len(images)), tokenize=False,
+                                         add_generation_prompt=True)
+    text = _expand_image_pads(text, [int(n) for n in num_image_tokens(grid)], IMAGE_PAD_TOKEN)  # in order
     prompt = tokenizer(text, add_special_tokens=False)["input_ids"]
     response = tokenizer(response_fn(e), add_special_tokens=False)["input_ids"] + [eos]
     if len(prompt) + len(response) > seq_len:
@@ -73,12 +80,12 @@ def _sft_example(tokenizer: Any, e: dict[str, Any], *, image_size: int, seq_len:
 def sft_batch(tokenizer: Any, examples: Sequence[dict[str, Any]], *, image_size: int, seq_len: int,
               response_fn: Callable[[dict[str, Any]], str] = reasoning_trace,
               question_template: str = "{question}", skip_bad_rows: bool = False,
-              spare: Iterable[dict[str, Any]] = ()) -> dict[str, np.ndarray]:
-    """One batch.
+              spare: Iterable[dict[str, Any]] = (), images_per_prompt: int = 1) -> dict[str, np.ndarray]:
+    """One batch; every example carries `images_per_prompt` = k images (``images``, or the one ``image``).
 
     Returns:
       input_ids, attention_mask, loss_mask: [B, seq_len] int32 (loss_mask = 1 on response tokens and the
-      closing <|im_end|>); pixel_values [B * P, 1176] float32; image_grid_thw [B, 3].
+      closing <|im_end|>); pixel_values [B * k * P, 1176] float32; image_grid_thw [B * k, 3].
     Raises DataError naming the example's file and line when its image does not decode or its prompt +
     response does not fit `seq_len`; with `skip_bad_rows` such an example is logged and replaced by the next
     good one of `spare` (DataError when `spare` runs out), so the batch keeps its size.
@@ -91,7 +98,7 @@ def sft_batch(tokenizer: Any, examples: Sequence[dict[str, Any]], *, image_size:
             try:
                 pv, g, prompt, response = _sft_example(tokenizer, e, image_size=image_size, seq_len=seq_len,
                                                        response_fn=response_fn, question_template=question_template,
-                                                       eos=eos)
+                                                       eos=eos, images_per_prompt=images_per_prompt)
                 break
             except DataError as err:
                 if not skip_bad_rows:

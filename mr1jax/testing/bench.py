@@ -32,8 +32,9 @@ BUSY_FRACTION = 0.1  # flag a run where other processes used more than this shar
 
 
 # ------------------------------------------------------------------------------------------ model
-def bench_config() -> Qwen2VLConfig:
-    """The CPU benchmarks' ~100M-parameter Qwen2-VL (116,179,968 parameters).
+def bench_config(family: str = "qwen2_vl") -> Qwen2VLConfig:
+    """The CPU benchmarks' ~100M-parameter Qwen2-VL (116,179,968 parameters), or its Qwen2.5-VL twin
+    (`family="qwen2_5_vl"`, see below).
 
     Real vocabulary (151936) and special ids, tied embeddings; a shallow, narrow text decoder -- hidden 512,
     4 layers, 8 heads / 2 kv heads (head_dim 64, mrope_section (8, 12, 12)), intermediate 2816 -- and a
@@ -41,9 +42,19 @@ def bench_config() -> Qwen2VLConfig:
     out_hidden_size 512. Parameters: text 97,721,856 = tied embedding / LM head 77,791,232 + decoder layers
     19,930,112 (4.98M each) + final norm 512; vision 18,458,112 = patch embed 602,112 + blocks 12,609,536
     (3.15M each) + patch merger 5,246,464. Most of the total is the vocabulary-sized embedding.
+
+    The Qwen2.5-VL twin has the same text decoder and a vision tower of the same width and depth in
+    Qwen2.5-VL's form: RMSNorm, SwiGLU MLP of 1368 (512 x 3420 / 1280, the real models' ratio), windows of
+    112 px (8 x 8 patches) and full attention in the last of the 4 blocks (the real models: every 8th).
     """
     text = TextConfig(hidden_size=512, intermediate_size=2816, num_layers=4, num_heads=8, num_kv_heads=2,
                       mrope_section=(8, 12, 12))
+    if family == "qwen2_5_vl":
+        from mr1jax.models.qwen2_5_vl.config import Qwen25VisionConfig, Qwen25VLConfig
+
+        vision = Qwen25VisionConfig(depth=4, embed_dim=512, num_heads=8, intermediate_size=1368,
+                                    out_hidden_size=512, window_size=112, fullatt_block_indexes=(3,))
+        return Qwen25VLConfig(text=text, vision=vision, tie_word_embeddings=True)
     vision = VisionConfig(depth=4, embed_dim=512, num_heads=8, out_hidden_size=512)
     return Qwen2VLConfig(text=text, vision=vision, tie_word_embeddings=True)
 

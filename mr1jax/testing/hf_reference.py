@@ -1,4 +1,4 @@
-"""Tiny `transformers` Qwen2-VL reference models with every parameter randomised at a realistic scale.
+"""Tiny `transformers` Qwen2-VL / Qwen2.5-VL reference models with every parameter randomised at a realistic scale.
 
 Freshly initialised HF models give logits near +-0.2, which makes parity tests weak; here every matrix is
 drawn with std 1/sqrt(fan_in), norm weights around 1, biases around 0.1, embeddings with std 0.5
@@ -13,14 +13,20 @@ import numpy as np
 from mr1jax.models.qwen2_vl.config import Qwen2VLConfig
 
 
+_HF_CLASSES = {"qwen2_vl": ("Qwen2VLConfig", "Qwen2VLForConditionalGeneration"),
+               "qwen2_5_vl": ("Qwen2_5_VLConfig", "Qwen2_5_VLForConditionalGeneration")}
+
+
 def build_hf_model(cfg: Qwen2VLConfig, seed: int = 0):
-    """A randomised `transformers.Qwen2VLForConditionalGeneration` in fp32 eval mode for `cfg`."""
+    """A randomised `transformers.Qwen2VLForConditionalGeneration` (or the Qwen2.5-VL class, for a
+    `Qwen25VLConfig`) in fp32 eval mode for `cfg`."""
     import torch
     import transformers
 
-    hf_cfg = transformers.Qwen2VLConfig(**{k: v for k, v in cfg.to_hf_dict().items() if k != "architectures"})
+    config_cls, model_cls = (getattr(transformers, name) for name in _HF_CLASSES[cfg.model_type])
+    hf_cfg = config_cls(**{k: v for k, v in cfg.to_hf_dict().items() if k != "architectures"})
     torch.manual_seed(seed)
-    model = transformers.Qwen2VLForConditionalGeneration(hf_cfg).float().eval()
+    model = model_cls(hf_cfg).float().eval()
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -86,3 +92,32 @@ def make_batch(cfg: Qwen2VLConfig, rows: list[dict], seed: int = 0):
     grid = np.array(grids, np.int64)
     pixel_values = rng.normal(size=(int(grid.prod(-1).sum()), cfg.vision.patch_dim)).astype(np.float32)
     return input_ids, mask, pixel_values, grid
+
+
+def valid_max_diff(ours, reference: np.ndarray, attention_mask) -> float:
+    """max |ours - reference| over the unpadded positions (attention_mask 1) of [B, L, ...] arrays."""
+    return float(np.abs(np.asarray(ours) - reference)[np.asarray(attention_mask).astype(bool)].max())
+
+
+def hf_rope_index(model, cfg: Qwen2VLConfig, input_ids, attention_mask, image_grid_thw):
+    """transformers' (position_ids [3, B, L], rope_deltas [B]) as numpy, for `prepare_inputs` to equal."""
+    import torch
+
+    ids = torch.as_tensor(np.asarray(input_ids), dtype=torch.long)
+    pos, delta = model.model.get_rope_index(
+        ids, mm_token_type_ids=(ids == cfg.image_token_id).int(), image_grid_thw=torch.as_tensor(image_grid_thw),
+        attention_mask=torch.as_tensor(np.asarray(attention_mask)))
+    return pos.numpy(), delta.numpy().reshape(-1)
+
+
+def hf_greedy(model, cfg: Qwen2VLConfig, input_ids, attention_mask, pixel_values, image_grid_thw,
+              max_new_tokens: int, eos_token_id: int) -> np.ndarray:
+    """transformers' greedy `generate` continuation [B, <= max_new_tokens] (prompt removed)."""
+    import torch
+
+    t = lambda a: torch.as_tensor(np.asarray(a), dtype=torch.long)  # noqa: E731
+    out = model.generate(input_ids=t(input_ids), attention_mask=t(attention_mask),
+                         pixel_values=torch.as_tensor(pixel_values), image_grid_thw=t(image_grid_thw),
+                         mm_token_type_ids=(t(input_ids) == cfg.image_token_id).int(), do_sample=False,
+                         max_new_tokens=max_new_tokens, eos_token_id=eos_token_id, pad_token_id=cfg.pad_token_id)
+    return out[:, np.asarray(input_ids).shape[1]:].numpy()

@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from typing import Any
+from typing import Any, ClassVar
 
 # Qwen2-VL special tokens on the real tokenizer; tiny test vocabularies pass their own ids.
 QWEN2VL_SPECIAL_IDS = dict(
@@ -63,6 +63,10 @@ class VisionConfig:
     def mlp_dim(self) -> int:
         return int(self.embed_dim * self.mlp_ratio)
 
+    def check_activation(self) -> None:
+        if self.hidden_act != "quick_gelu":
+            raise ConfigError(f"vision.hidden_act must be 'quick_gelu', got {self.hidden_act!r}")
+
 
 @dataclasses.dataclass(frozen=True)
 class TextConfig:
@@ -88,6 +92,9 @@ class TextConfig:
 @dataclasses.dataclass(frozen=True)
 class Qwen2VLConfig:
     """Full Qwen2-VL config: text decoder, vision tower, special token ids, head tying."""
+
+    model_type: ClassVar[str] = "qwen2_vl"
+    architecture: ClassVar[str] = "Qwen2VLForConditionalGeneration"
 
     text: TextConfig = dataclasses.field(default_factory=TextConfig)
     vision: VisionConfig = dataclasses.field(default_factory=VisionConfig)
@@ -138,8 +145,7 @@ class Qwen2VLConfig:
             raise ConfigError(
                 f"vision.out_hidden_size ({v.out_hidden_size}) must equal text.hidden_size ({t.hidden_size}): "
                 "the patch merger writes image features into the text embedding stream")
-        if v.hidden_act != "quick_gelu":
-            raise ConfigError(f"vision.hidden_act must be 'quick_gelu', got {v.hidden_act!r}")
+        v.check_activation()
         if t.hidden_act != "silu":
             raise ConfigError(f"text.hidden_act must be 'silu', got {t.hidden_act!r}")
         ids = dict(pad_token_id=self.pad_token_id, bos_token_id=self.bos_token_id,
@@ -160,19 +166,11 @@ class Qwen2VLConfig:
 
         Accepts the flat hub form and the nested `save_pretrained` form.
         """
-        if isinstance(path_or_dict, dict):
-            d = path_or_dict
-        else:
-            path = os.fspath(path_or_dict)
-            if os.path.isdir(path):
-                path = os.path.join(path, "config.json")
-            if not os.path.isfile(path):
-                raise FileNotFoundError(f"no Hugging Face config.json at {path}")
-            with open(path) as f:
-                d = json.load(f)
+        d = read_hf_config(path_or_dict)
         model_type = d.get("model_type")
-        if model_type not in (None, "qwen2_vl"):
-            raise ConfigError(f"config.json model_type is {model_type!r}; mr1jax reads 'qwen2_vl' checkpoints")
+        if model_type not in (None, cls.model_type):
+            raise ConfigError(f"config.json model_type is {model_type!r}; {cls.__name__} reads "
+                              f"{cls.model_type!r} checkpoints (mr1jax.models.load_pretrained picks the family)")
 
         td = dict(d.get("text_config") or {})
         # Flat form: text fields live at the top level. Nested values win where both exist.
@@ -201,21 +199,7 @@ class Qwen2VLConfig:
             max_position_embeddings=int(td.get("max_position_embeddings", 32768)),
             hidden_act=td.get("hidden_act", "silu"),
         )
-        vd = dict(d.get("vision_config") or {})
-        vrope = vd.get("rope_parameters") or {}
-        vision = VisionConfig(
-            depth=int(vd.get("depth", VisionConfig.depth)),
-            embed_dim=int(vd.get("embed_dim", VisionConfig.embed_dim)),
-            num_heads=int(vd.get("num_heads", VisionConfig.num_heads)),
-            mlp_ratio=vd.get("mlp_ratio", VisionConfig.mlp_ratio),
-            hidden_act=vd.get("hidden_act", "quick_gelu"),
-            in_channels=int(vd.get("in_channels", vd.get("in_chans", 3))),
-            patch_size=int(vd.get("patch_size", vd.get("spatial_patch_size", 14))),
-            temporal_patch_size=int(vd.get("temporal_patch_size", 2)),
-            spatial_merge_size=int(vd.get("spatial_merge_size", 2)),
-            out_hidden_size=int(vd.get("hidden_size", text.hidden_size)),
-            rope_theta=float(vrope.get("rope_theta", 10000.0)),
-        )
+        vision = cls._vision_from_hf(dict(d.get("vision_config") or {}), text)
         eos = td.get("eos_token_id", QWEN2VL_SPECIAL_IDS["eos_token_id"])
         eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else (eos,)
         bos = td.get("bos_token_id", QWEN2VL_SPECIAL_IDS["bos_token_id"])
@@ -236,19 +220,54 @@ class Qwen2VLConfig:
             vision_end_token_id=int(d.get("vision_end_token_id", QWEN2VL_SPECIAL_IDS["vision_end_token_id"])),
         )
 
+    @classmethod
+    def _vision_from_hf(cls, vd: dict[str, Any], text: TextConfig) -> VisionConfig:
+        """The vision tower's config from the `vision_config` dict (missing fields take transformers' defaults)."""
+        vrope = vd.get("rope_parameters") or {}
+        return VisionConfig(
+            depth=int(vd.get("depth", VisionConfig.depth)),
+            embed_dim=int(vd.get("embed_dim", VisionConfig.embed_dim)),
+            num_heads=int(vd.get("num_heads", VisionConfig.num_heads)),
+            mlp_ratio=vd.get("mlp_ratio", VisionConfig.mlp_ratio),
+            hidden_act=vd.get("hidden_act", "quick_gelu"),
+            in_channels=int(vd.get("in_channels", vd.get("in_chans", 3))),
+            patch_size=int(vd.get("patch_size", vd.get("spatial_patch_size", 14))),
+            temporal_patch_size=int(vd.get("temporal_patch_size", 2)),
+            spatial_merge_size=int(vd.get("spatial_merge_size", 2)),
+            out_hidden_size=int(vd.get("hidden_size", text.hidden_size)),
+            rope_theta=float(vrope.get("rope_theta", 10000.0)),
+        )
+
+    def _vision_to_hf(self) -> dict[str, Any]:
+        v = self.vision
+        return {
+            "model_type": "qwen2_vl_vision",
+            "depth": v.depth,
+            "embed_dim": v.embed_dim,
+            "hidden_size": v.out_hidden_size,
+            "hidden_act": v.hidden_act,
+            "mlp_ratio": v.mlp_ratio,
+            "num_heads": v.num_heads,
+            "in_channels": v.in_channels,
+            "patch_size": v.patch_size,
+            "spatial_merge_size": v.spatial_merge_size,
+            "temporal_patch_size": v.temporal_patch_size,
+            "rope_parameters": {"rope_type": "axial", "rope_theta": v.rope_theta},
+        }
+
     def to_hf_dict(self) -> dict[str, Any]:
         """The nested config.json that `transformers.Qwen2VLForConditionalGeneration` loads."""
-        t, v = self.text, self.vision
+        t = self.text
         return {
-            "architectures": ["Qwen2VLForConditionalGeneration"],
-            "model_type": "qwen2_vl",
+            "architectures": [self.architecture],
+            "model_type": self.model_type,
             "image_token_id": self.image_token_id,
             "video_token_id": self.video_token_id,
             "vision_start_token_id": self.vision_start_token_id,
             "vision_end_token_id": self.vision_end_token_id,
             "tie_word_embeddings": self.tie_word_embeddings,
             "text_config": {
-                "model_type": "qwen2_vl_text",
+                "model_type": f"{self.model_type}_text",
                 "vocab_size": t.vocab_size,
                 "hidden_size": t.hidden_size,
                 "intermediate_size": t.intermediate_size,
@@ -266,20 +285,7 @@ class Qwen2VLConfig:
                 "tie_word_embeddings": self.tie_word_embeddings,
                 "use_sliding_window": False,
             },
-            "vision_config": {
-                "model_type": "qwen2_vl_vision",
-                "depth": v.depth,
-                "embed_dim": v.embed_dim,
-                "hidden_size": v.out_hidden_size,
-                "hidden_act": v.hidden_act,
-                "mlp_ratio": v.mlp_ratio,
-                "num_heads": v.num_heads,
-                "in_channels": v.in_channels,
-                "patch_size": v.patch_size,
-                "spatial_merge_size": v.spatial_merge_size,
-                "temporal_patch_size": v.temporal_patch_size,
-                "rope_parameters": {"rope_type": "axial", "rope_theta": v.rope_theta},
-            },
+            "vision_config": self._vision_to_hf(),
         }
 
     # ------------------------------------------------------------------ presets
@@ -314,12 +320,29 @@ class Qwen2VLConfig:
         text = TextConfig(vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=hidden_size * 2,
                           num_layers=num_layers, num_heads=num_heads, num_kv_heads=max(1, num_heads // 2),
                           mrope_section=sec)
-        vision = VisionConfig(depth=vision_depth, embed_dim=32, num_heads=2, out_hidden_size=hidden_size)
+        vision = cls._tiny_vision(vision_depth, hidden_size)
         return cls(text=text, vision=vision, tie_word_embeddings=tie_word_embeddings,
                    eos_token_ids=tuple(eos), **ids)
 
+    @classmethod
+    def _tiny_vision(cls, depth: int, out_hidden_size: int) -> VisionConfig:
+        return VisionConfig(depth=depth, embed_dim=32, num_heads=2, out_hidden_size=out_hidden_size)
+
     def replace(self, **changes: Any) -> "Qwen2VLConfig":
         return dataclasses.replace(self, **changes)
+
+
+def read_hf_config(path_or_dict: str | os.PathLike | dict[str, Any]) -> dict[str, Any]:
+    """The dict of a Hugging Face `config.json` (a path to the file or its directory, or the dict itself)."""
+    if isinstance(path_or_dict, dict):
+        return path_or_dict
+    path = os.fspath(path_or_dict)
+    if os.path.isdir(path):
+        path = os.path.join(path, "config.json")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no Hugging Face config.json at {path}")
+    with open(path) as f:
+        return json.load(f)
 
 
 def _req(d: dict[str, Any], key: str) -> Any:

@@ -194,7 +194,8 @@ def _read(src: SafetensorsFile, name: str, kind: str, index: tuple[slice, ...] |
 # ------------------------------------------------------------------------------------------ load / save
 def load_pretrained(path: str | os.PathLike, *, dtype=jnp.bfloat16, param_dtype=None, mesh: Mesh | None = None,
                     config: Qwen2VLConfig | None = None, remat: str = "none") -> Qwen2VL:
-    """Load a Hugging Face Qwen2-VL directory into a (sharded) `Qwen2VL`.
+    """Load a Hugging Face Qwen2-VL or Qwen2.5-VL directory into a (sharded) `Qwen2VL` / `Qwen25VL`
+    (chosen by config.json's model_type).
 
     Args:
       path: directory with config.json and model.safetensors or model.safetensors.index.json.
@@ -205,10 +206,13 @@ def load_pretrained(path: str | os.PathLike, *, dtype=jnp.bfloat16, param_dtype=
     Raises:
       CheckpointMismatchError naming every missing, unexpected and misshaped tensor.
     """
+    from mr1jax.models.families import config_from_hf, model_class  # the families import this module's users
+
     path = os.fspath(path)
-    cfg = config or Qwen2VLConfig.from_hf(path)
+    cfg = config or config_from_hf(path)
     param_dtype = param_dtype or dtype
-    abstract = nnx.eval_shape(lambda: Qwen2VL(cfg, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=param_dtype,
+    model_cls = model_class(cfg)
+    abstract = nnx.eval_shape(lambda: model_cls(cfg, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=param_dtype,
                                               remat=remat))
     graphdef, state = nnx.split(abstract)
     # normalized name -> (file, name inside the file)
@@ -239,7 +243,7 @@ def load_pretrained(path: str | os.PathLike, *, dtype=jnp.bfloat16, param_dtype=
             plan.append((p, var, sources if names is not None else sources[0], kind))
     unexpected = sorted(set(tensors) - used - ({"lm_head.weight"} if cfg.tie_word_embeddings else set()))
     if missing or misshaped or unexpected:
-        lines = [f"checkpoint {path} does not match the Qwen2-VL model built from its config:"]
+        lines = [f"checkpoint {path} does not match the {model_cls.__name__} model built from its config:"]
         for title, items in (("missing", missing), ("misshaped", misshaped), ("unexpected", unexpected)):
             if items:
                 lines.append(f"  {len(items)} {title}: " + "; ".join(items))

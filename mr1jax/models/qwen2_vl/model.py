@@ -104,12 +104,14 @@ class Qwen2VL(nnx.Module):
       outputs without batch dimensions, recompute the rest). Change it later with `set_remat`.
     """
 
+    vision_class = VisionTower  # the one piece a model family swaps (Qwen2.5-VL: windowed attention)
+
     def __init__(self, config: Qwen2VLConfig, *, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32,
                  remat: str = "none"):
         self.config = config
         self.dtype = dtype
         self.remat = check_remat(remat)
-        self.visual = VisionTower(config.vision, rngs=rngs, dtype=dtype, param_dtype=param_dtype, remat=remat)
+        self.visual = self.vision_class(config.vision, rngs=rngs, dtype=dtype, param_dtype=param_dtype, remat=remat)
         self.model = TextDecoder(config.text, rngs=rngs, dtype=dtype, param_dtype=param_dtype, remat=remat)
         self.lm_head = None if config.tie_word_embeddings else Dense(
             config.text.hidden_size, config.text.vocab_size, axes=("embed", "vocab"), use_bias=False, rngs=rngs,

@@ -26,12 +26,17 @@ class VisionAttention(nnx.Module):
                           dtype=dtype, param_dtype=param_dtype)
         self.num_heads, self.head_dim = cfg.num_heads, cfg.head_dim
 
-    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, segments: jax.Array | int) -> jax.Array:
-        """x [N, E]; cos/sin [N, head_dim]; segments: [N] segment ids, or a static count of equal segments."""
+    def heads(self, x: jax.Array, cos: jax.Array, sin: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """x [N, E] -> rotated q, k and v, each [N, heads, head_dim]."""
         n = x.shape[0]
         qkv = self.qkv(x).reshape(n, 3, self.num_heads, self.head_dim)
         q, k, v = qkv[:, 0], qkv[:, 1], qkv[:, 2]
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v
+
+    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, segments: jax.Array | int) -> jax.Array:
+        """x [N, E]; cos/sin [N, head_dim]; segments: [N] segment ids, or a static count of equal segments."""
+        n = x.shape[0]
+        q, k, v = self.heads(x, cos, sin)
         if isinstance(segments, int):
             # Equal-size images (the fixed-bucket training path): batch them, no mask needed.
             shape = (segments, n // segments, self.num_heads, self.head_dim)
@@ -59,11 +64,12 @@ class VisionBlock(nnx.Module):
 
 
 class PatchMerger(nnx.Module):
-    """LayerNorm, then each 2x2 block of neighbouring patches (4*E) -> MLP (exact GELU) -> text hidden size."""
+    """Norm (`norm`: LayerNorm for Qwen2-VL, RMSNorm for Qwen2.5-VL), then each 2x2 block of neighbouring
+    patches (4*E) -> MLP (exact GELU) -> text hidden size."""
 
-    def __init__(self, cfg: VisionConfig, *, rngs: nnx.Rngs, dtype, param_dtype):
+    def __init__(self, cfg: VisionConfig, *, rngs: nnx.Rngs, dtype, param_dtype, norm=LayerNorm):
         e, m = cfg.embed_dim, cfg.embed_dim * cfg.spatial_merge_size**2
-        self.ln_q = LayerNorm(e, eps=cfg.layer_norm_eps, param_dtype=param_dtype)
+        self.ln_q = norm(e, eps=cfg.layer_norm_eps, param_dtype=param_dtype)
         self.fc1 = Dense(m, m, axes=("vision_merge", "vision_mlp"), use_bias=True, rngs=rngs, dtype=dtype,
                          param_dtype=param_dtype)
         self.fc2 = Dense(m, cfg.out_hidden_size, axes=("vision_mlp", "embed"), use_bias=True, rngs=rngs,
@@ -82,14 +88,17 @@ class VisionTower(nnx.Module):
     `layers.scan`; `remat` ("none" / "full" / "dots") is read at trace time.
     """
 
+    block_class = VisionBlock     # Qwen2.5-VL swaps these two (`mr1jax.models.qwen2_5_vl.vision`)
+    merger_norm = LayerNorm
+
     def __init__(self, cfg: VisionConfig, *, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32,
                  remat: str = "none"):
         self.cfg = cfg
         self.patch_embed = Dense(cfg.patch_dim, cfg.embed_dim, axes=("patch", "vision_embed"), use_bias=False,
                                  rngs=rngs, dtype=dtype, param_dtype=param_dtype)
-        self.blocks = nn.stacked(lambda r: VisionBlock(cfg, rngs=r, dtype=dtype, param_dtype=param_dtype),
-                                 cfg.depth, rngs)
-        self.merger = PatchMerger(cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        block = self.block_class
+        self.blocks = nn.stacked(lambda r: block(cfg, rngs=r, dtype=dtype, param_dtype=param_dtype), cfg.depth, rngs)
+        self.merger = PatchMerger(cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype, norm=self.merger_norm)
         self.dtype = dtype
         self.remat = nn.check_remat(remat)
 
