@@ -19,7 +19,16 @@ def _init(rngs: nnx.Rngs, shape: tuple[int, ...], dtype, std: float = 0.02) -> j
 
 
 class Dense(nnx.Module):
-    """y = x @ kernel (+ bias). kernel [in, out] with logical axes `axes`; bias [out]."""
+    """y = x @ kernel (+ bias). kernel [in, out] with logical axes `axes`; bias [out].
+
+    Low-rank adapters (`mr1jax.lora.apply_lora`) set ``lora_a`` [in, r] and ``lora_b`` [r, out] (`LoRAParam`
+    variables, stacked like the kernel in scanned layers) and ``lora_scale`` (alpha / r): the output then gains
+    ``lora_scale * (x @ lora_a) @ lora_b``. Without adapters (the class defaults below) nothing changes.
+    """
+
+    lora_a = None
+    lora_b = None
+    lora_scale = 1.0
 
     def __init__(self, in_features: int, out_features: int, *, axes: tuple[str | None, str | None],
                  use_bias: bool, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32):
@@ -30,9 +39,14 @@ class Dense(nnx.Module):
 
     def __call__(self, x: jax.Array, out_dtype=None) -> jax.Array:
         """x [..., in] -> [..., out] in the compute dtype, or accumulated and returned in `out_dtype`."""
-        y = jnp.dot(x.astype(self.dtype), self.kernel[...].astype(self.dtype), preferred_element_type=out_dtype)
+        x = x.astype(self.dtype)
+        y = jnp.dot(x, self.kernel[...].astype(self.dtype), preferred_element_type=out_dtype)
         if self.bias is not None:
             y = y + self.bias[...].astype(y.dtype)
+        if self.lora_a is not None:
+            h = jnp.dot(x, self.lora_a[...].astype(self.dtype))
+            d = jnp.dot(h, self.lora_b[...].astype(self.dtype), preferred_element_type=out_dtype)
+            y = y + (self.lora_scale * d).astype(y.dtype)
         return y
 
 
