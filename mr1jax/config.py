@@ -17,6 +17,7 @@ import ml_collections
 import optax
 
 from mr1jax.build import MODEL_DTYPES
+from mr1jax.lora import BASE_QUANT, PRESETS, SFT_TO_RL, target_regex
 from mr1jax.data.tasks import TASKS
 from mr1jax.models.qwen2_vl.model import REMAT_POLICIES
 from mr1jax.rl import ADVANTAGE_SCALES, KL_ESTIMATORS, LOSS_AGGREGATIONS, SCHEDULE_NAMES, make_schedule
@@ -42,6 +43,8 @@ CHOICES = {
     "rl.reward": tuple(REWARD_KINDS),
     "data.task": tuple(TASKS),
     "mode": MODES,
+    "lora.sft_to_rl": tuple(SFT_TO_RL),
+    "lora.base_quant": tuple(BASE_QUANT),
 }
 POSITIVE = ("total_steps", "data.batch_size", "data.prompt_bucket", "data.image_size", "rollout.num_samples",
             "rollout.max_new_tokens", "rl.updates_per_batch", "rl.minibatches", "rl.micro_batches", "sft.micro_batches", "checkpoint.every_steps",
@@ -50,7 +53,8 @@ POSITIVE_REAL = ("optim.learning_rate", "sft.learning_rate", "rl.reward_timeout_
 FRACTIONS = ("rl.warmup_fraction", "sft.warmup_fraction", "sft.annotator_miss_rate")
 #: Fields a rerun in an existing work dir must keep: they fix the checkpoint's arrays and the data shapes.
 RUN_DIR_FIELDS = ("mode", "sft.steps", "model.hf_path", "model.tiny", "model.param_dtype", "model.dtype",
-                  "data.task", "data.train_files", "data.image_size", "data.prompt_bucket", "data.batch_size")
+                  "data.task", "data.train_files", "data.image_size", "data.prompt_bucket", "data.batch_size",
+                  "lora")
 
 
 def _get(c: ml_collections.ConfigDict, dotted: str) -> Any:
@@ -191,6 +195,8 @@ def validate_config(c: ml_collections.ConfigDict, reference: ml_collections.Conf
     if not c.data.train_files and c.data.num_train < c.data.batch_size:
         raise ConfigError(f"config.data.num_train = {c.data.num_train} is smaller than one batch "
                           f"({c.data.batch_size})")
+    if "lora" in c:
+        check_lora(c.lora)
     try:
         stages = parse_stages(c.rl.ptst_stages) if c.rl.ptst_stages else []
     except ValueError as e:
@@ -204,6 +210,28 @@ def validate_config(c: ml_collections.ConfigDict, reference: ml_collections.Conf
                 raise ConfigError(f"{where}: GRPO needs G >= 2 samples per prompt, got {s.num_samples} (with one "
                                   "sample every advantage is 0 and nothing is learned)")
     return stages
+
+
+def check_lora(lc: ml_collections.ConfigDict) -> None:
+    """ConfigError naming the first bad ``config.lora`` field."""
+    import re
+
+    if not isinstance(lc.rank, int) or isinstance(lc.rank, bool) or lc.rank < 0:
+        raise ConfigError(f"config.lora.rank must be an integer >= 0 (0 = full fine-tuning), got {lc.rank!r}")
+    if not lc.rank:
+        return
+    if not isinstance(lc.alpha, (int, float)) or not lc.alpha > 0:
+        raise ConfigError(f"config.lora.alpha must be > 0, got {lc.alpha!r}")
+    if lc.dropout != 0:
+        raise ConfigError(f"config.lora.dropout = {lc.dropout!r}: adapter dropout is not implemented; use 0")
+    if not isinstance(lc.targets, str) or not lc.targets:
+        raise ConfigError(f"config.lora.targets must be a preset ({', '.join(PRESETS)}, joined by '+') or a regex "
+                          f"over linear-layer paths, got {lc.targets!r}")
+    try:
+        re.compile(target_regex(lc.targets))
+    except re.error as e:
+        raise ConfigError(f"config.lora.targets = {lc.targets!r} is neither a preset ({', '.join(PRESETS)}) nor a "
+                          f"valid regex: {e}") from None
 
 
 def beta_schedule(c: ml_collections.ConfigDict):

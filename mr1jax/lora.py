@@ -159,10 +159,12 @@ def _merged_kernel(kernel: jax.Array, a: jax.Array, b: jax.Array, scale: jax.Arr
 
 def merge_lora(model: nnx.Module) -> nnx.Module:
     """Fold every adapter into its kernel (kernel += scale * A @ B, in fp32, stored in the kernel's dtype) and
-    remove the adapters (in place; returns the model). Shardings of the kernels are kept."""
+    remove the adapters (in place; returns the model). The kernels become new Variables, so states the model was
+    merged from (``nnx.merge`` shares Variables) keep their values."""
     for _, dense in adapted(model):
-        k = dense.kernel
-        k.value = _merged_kernel(k[...], dense.lora_a[...], dense.lora_b[...], jnp.float32(dense.lora_scale))
+        k = dense.kernel           # a new Variable: merged models share Variables with the states they came from
+        dense.kernel = k.replace(_merged_kernel(k[...], dense.lora_a[...], dense.lora_b[...],
+                                                jnp.float32(dense.lora_scale)))
     return remove_lora(model)
 
 
@@ -347,3 +349,40 @@ def load_peft(model: nnx.Module, path: str | os.PathLike, *, hf_key: Callable | 
         shard_adapters(model, mesh)
     return LoRAConfig(rank=rank, alpha=alpha, dropout=float(pc.get("lora_dropout", 0.0)),
                       targets="|".join(targets))
+
+
+def fresh_adapters(adapters: nnx.State, *, seed: int) -> nnx.State:
+    """New adapters shaped (and sharded) like `adapters`: A re-drawn from `seed`, B zero."""
+    key = jax.random.key(seed)
+    flat = list(nnx.to_flat_state(adapters))
+    out, i = [], 0
+    for path, var in flat:
+        x = var[...]
+        if path[-1] == "lora_a":
+            new = _init_a(jax.random.fold_in(key, i), x.shape, x.dtype)
+            i += 1
+        else:
+            new = jnp.zeros(x.shape, x.dtype)
+        out.append((path, var.replace(jax.device_put(new, x.sharding))))
+    return nnx.from_flat_state(out)
+
+
+def fold_adapters(graphdef: nnx.GraphDef, adapters: nnx.State, base: nnx.State, *, seed: int
+                  ) -> tuple[nnx.State, nnx.State]:
+    """(fresh adapters, base with `adapters` merged into its kernels): the SFT -> RL "merge" boundary. The merged
+    kernels keep their shardings; the fresh adapters are `fresh_adapters(adapters, seed=seed)`."""
+    model = nnx.merge(graphdef, adapters, base)
+    for _, dense in adapted(model):
+        k = dense.kernel
+        merged = _merged_kernel(k[...], dense.lora_a[...], dense.lora_b[...], jnp.float32(dense.lora_scale))
+        dense.kernel = k.replace(jax.device_put(merged, k[...].sharding))     # new Variable: `base` is untouched
+    _, _, new_base = nnx.split(model, LoRAParam, ...)
+    return fresh_adapters(adapters, seed=seed), new_base
+
+
+def adapters_from_peft(graphdef: nnx.GraphDef, adapters: nnx.State, base: nnx.State, path: str) -> nnx.State:
+    """The adapters read from a PEFT directory, shaped and sharded like `adapters` (same targets)."""
+    model = nnx.merge(graphdef, adapters, base)
+    load_peft(model, path)
+    _, loaded, _ = nnx.split(model, LoRAParam, ...)
+    return jax.tree.map(lambda new, old: jax.device_put(new.astype(old.dtype), old.sharding), loaded, adapters)

@@ -1,0 +1,180 @@
+"""LoRA adapters: exact base outputs at init, adapter-only updates, merge, the reference with adapters disabled,
+PEFT export / import against `peft` + transformers, config checks, exact resume of an adapter-only run."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from mr1jax import lora
+from mr1jax.models.qwen2_vl import Qwen2VL, prepare_inputs
+from mr1jax.rl.update import GRPOConfig, SFTConfig, grpo_update, sft_update, token_logprobs
+from mr1jax.testing.hf_reference import make_batch
+from tests.conftest import tiny_config
+
+ROWS = [{"text": 10, "images": [(1, 4, 4)]}, {"text": 6, "images": [(1, 4, 4)]}]
+
+
+def _logits(model, batch):
+    """model(ids, mask, pixels, grid) logits, the forward jitted (eager runs op by op: slow)."""
+    ids, mask, pv, grid = batch
+    x = prepare_inputs(model.config, ids, mask, grid)
+    graphdef, state = nnx.split(model)
+    seg = x.patch_segments
+    fwd = jax.jit(lambda s, *a: nnx.merge(graphdef, s).forward(*a, seg))
+    return np.asarray(fwd(state, jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(x.position_ids), jnp.asarray(pv),
+                          jnp.asarray(x.patch_pos)))
+
+
+def _randomise_b(model, seed=1, scale=0.5):
+    """Non-zero B everywhere (as after training), so the adapters change the outputs."""
+    key = jax.random.key(seed)
+    for i, (_, dense) in enumerate(lora.adapted(model)):
+        b = dense.lora_b
+        dense.lora_b = b.replace(scale * jax.random.normal(jax.random.fold_in(key, i), b.shape, b.dtype))
+    return model
+
+
+@pytest.fixture(scope="module")
+def batch():
+    return make_batch(tiny_config(), ROWS, seed=2)
+
+
+def test_init_outputs_equal_the_base_exactly(batch):
+    model = Qwen2VL(tiny_config(), rngs=nnx.Rngs(0))
+    base = _logits(model, batch)
+    lora.apply_lora(model, lora.LoRAConfig(rank=4, targets="language+vision"), seed=3)
+    assert len(lora.adapted(model)) == 13                       # 7 decoder + 4 vision-block + 2 merger layers
+    np.testing.assert_array_equal(_logits(model, batch), base)  # B = 0: bit-identical
+
+
+def test_targets_presets_regex_and_errors():
+    model = Qwen2VL(tiny_config(), rngs=nnx.Rngs(0))
+    paths = lambda t: [p for p, _ in lora.target_modules(model, t)]  # noqa: E731
+    assert paths("attention") == [f"model.layers.self_attn.{n}_proj" for n in "kovq"] or \
+        sorted(paths("attention")) == sorted(f"model.layers.self_attn.{n}_proj" for n in "qkvo")
+    assert sorted(paths("mlp")) == sorted(f"model.layers.mlp.{n}_proj" for n in ("gate", "up", "down"))
+    assert paths("attention_mlp") == paths("language")
+    assert paths(r"model\.layers\.self_attn\.q_proj") == ["model.layers.self_attn.q_proj"]
+    with pytest.raises(ValueError, match="matches no linear layer"):
+        lora.target_modules(model, "decoder")
+    with pytest.raises(ValueError, match="not a valid regex"):
+        lora.target_modules(model, "model.(")
+
+
+def test_merged_model_equals_adapter_model(batch):
+    model = Qwen2VL(tiny_config(), rngs=nnx.Rngs(0))
+    base = _logits(model, batch)
+    _randomise_b(lora.apply_lora(model, lora.LoRAConfig(rank=4, alpha=8, targets="language+vision")))
+    with_adapters = _logits(model, batch)
+    assert np.abs(with_adapters - base).max() > 1e-2            # the adapters matter
+    graphdef, state = nnx.split(model)
+    merged = lora.merge_lora(nnx.merge(graphdef, state))
+    assert not lora.adapted(merged)
+    np.testing.assert_allclose(_logits(merged, batch), with_adapters, atol=2e-5, rtol=1e-5)
+    np.testing.assert_array_equal(_logits(model, batch), with_adapters)   # the adapter model is untouched
+
+
+# ------------------------------------------------------------------------------------------ updates, KL
+def _rollout_batch(cfg, prompts=2, g=2, t=4, seed=0):
+    rng = np.random.default_rng(seed)
+    ids, mask, pv, grid = make_batch(cfg, [{"text": 6, "images": [(1, 4, 4)]}] * prompts, seed=seed)
+    comp = rng.integers(0, cfg.pad_token_id, (prompts * g, t)).astype(np.int32)
+    full = np.concatenate([np.repeat(ids, g, 0), comp], 1)
+    fmask = np.concatenate([np.repeat(mask, g, 0), np.ones_like(comp)], 1)
+    extra = prepare_inputs(cfg, full, fmask, np.repeat(grid, g, 0))
+    pextra = prepare_inputs(cfg, ids, mask, grid)
+    b = dict(input_ids=full, attention_mask=fmask, position_ids=extra.position_ids, pixel_values=pv,
+             patch_pos=pextra.patch_pos, completion_mask=np.ones_like(comp),
+             advantages=rng.normal(size=prompts * g).astype(np.float32))
+    gcfg = GRPOConfig(num_samples=g, prompt_len=ids.shape[1], patch_segments=prompts)
+    return {k: jnp.asarray(v) for k, v in b.items()}, gcfg
+
+
+def test_updates_change_only_adapters_and_kl_reference_is_the_base():
+    cfg = tiny_config()
+    model = Qwen2VL(cfg, rngs=nnx.Rngs(0))
+    base_graphdef, base_copy = nnx.split(model)
+    base_copy = jax.tree.map(jnp.copy, base_copy)                   # an explicit copy of the base model
+    lora.apply_lora(model, lora.LoRAConfig(rank=4, alpha=8, targets="language"), seed=1)
+    graphdef, adapters, base = nnx.split(model, lora.LoRAParam, ...)
+    base_before = jax.tree.map(np.asarray, base)
+    batch, gcfg = _rollout_batch(cfg)
+    tx = optax.adam(1e-2)
+    opt_state = tx.init(adapters)
+    update = jax.jit(lambda p, o, b, beta, f: grpo_update(graphdef, p, o, b, beta, f, tx=tx, cfg=gcfg))
+    ref_pass = jax.jit(lambda p, b, f: token_logprobs(graphdef, p, b, f, cfg=gcfg))
+    explicit = jax.jit(lambda p, b: token_logprobs(base_graphdef, p, b, cfg=gcfg))
+    kls = []
+    for step in range(3):
+        ref = ref_pass(lora.disabled(adapters), batch, base)         # adapters disabled
+        np.testing.assert_allclose(ref, explicit(base_copy, batch), atol=1e-6)   # = the base model's log-probs
+        before = jax.tree.map(np.asarray, adapters)
+        adapters, opt_state, m = update(adapters, opt_state, dict(batch, ref_logps=ref), jnp.float32(0.1), base)
+        kls.append(float(m["kl"]))
+        if step == 0:
+            assert abs(kls[0]) < 1e-10     # B = 0: policy == reference (two programs: rounding only)
+        changed = jax.tree.map(lambda a, b: not np.array_equal(a, np.asarray(b)), before, adapters)
+        assert any(jax.tree.leaves(changed))
+    # the last step's KL equals the KL against the explicit base copy
+    ref_explicit = explicit(base_copy, batch)
+    _, _, m_explicit = jax.jit(lambda p, o, b, f: grpo_update(graphdef, p, o, b, jnp.float32(0.1), f, tx=tx,
+                                                               cfg=gcfg))(adapters, opt_state,
+                                                                          dict(batch, ref_logps=ref_explicit), base)
+    ref = ref_pass(lora.disabled(adapters), batch, base)
+    _, _, m_disabled = update(adapters, opt_state, dict(batch, ref_logps=ref), jnp.float32(0.1), base)
+    assert kls[-1] > 0 and float(m_disabled["kl"]) > 0
+    np.testing.assert_allclose(float(m_disabled["kl"]), float(m_explicit["kl"]), rtol=1e-5, atol=1e-9)
+    # the frozen base never changed; SFT updates likewise touch only adapters
+    jax.tree.map(np.testing.assert_array_equal, base_before, jax.tree.map(np.asarray, base))
+    sb = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], position_ids=batch["position_ids"],
+              loss_mask=batch["attention_mask"], pixel_values=batch["pixel_values"], patch_pos=batch["patch_pos"])
+    new, _, sm = jax.jit(lambda p, o, b, f: sft_update(graphdef, p, o, b, f, tx=tx, cfg=SFTConfig(patch_segments=4)))(
+        adapters, opt_state, sb, base)
+    assert np.isfinite(float(sm["loss"])) and jax.tree.structure(new) == jax.tree.structure(adapters)
+
+
+# ------------------------------------------------------------------------------------------ PEFT
+def test_peft_export_loads_in_peft_and_transformers_with_same_logits(hf_tiny_untied, tmp_path, batch):
+    import torch
+    import transformers
+    from peft import PeftModel
+
+    from mr1jax.models.qwen2_vl.hf import load_pretrained, save_pretrained
+    from mr1jax.testing.hf_reference import hf_logits
+
+    cfg, hf, path = hf_tiny_untied
+    model = load_pretrained(path, dtype=jnp.float32)
+    _randomise_b(lora.apply_lora(model, lora.LoRAConfig(rank=4, alpha=8, targets="language+vision"), seed=5),
+                 scale=0.3)
+    ids, mask, pv, grid = batch
+    ours = _logits(model, batch)
+    lora_cfg = lora.LoRAConfig(rank=4, alpha=8, targets="language+vision")
+    out = lora.save_peft(model, tmp_path / "adapter", lora_cfg)
+    names = set(lora.peft_tensors(model))
+    assert "base_model.model.model.language_model.layers.1.self_attn.q_proj.lora_A.weight" in names
+    assert "base_model.model.model.visual.merger.mlp.0.lora_B.weight" in names
+    base_hf = transformers.Qwen2VLForConditionalGeneration.from_pretrained(path, dtype=torch.float32).eval()
+    peft_model = PeftModel.from_pretrained(base_hf, out).eval()
+    n_lora = sum(1 for n, _ in peft_model.named_modules() if n.endswith("lora_A"))
+    assert n_lora == len(names) // 2
+    ref = hf_logits(peft_model, ids, mask, pv, grid, cfg.image_token_id)
+    valid = mask.astype(bool)
+    assert np.abs(ours - ref)[valid].max() < 2e-4
+    assert np.abs(ref - hf_logits(hf, ids, mask, pv, grid, cfg.image_token_id))[valid].max() > 1e-2
+    # import: a fresh base model + the PEFT directory gives the same model
+    again = load_pretrained(path, dtype=jnp.float32)
+    got = lora.load_peft(again, out)
+    assert (got.rank, got.alpha) == (4, 8.0)
+    np.testing.assert_allclose(_logits(again, batch), ours, atol=1e-5)
+    # merged export loads in plain transformers with the same logits
+    graphdef, state = nnx.split(model)
+    save_pretrained(lora.merge_lora(nnx.merge(graphdef, state)), tmp_path / "merged")
+    merged_hf, info = transformers.Qwen2VLForConditionalGeneration.from_pretrained(
+        tmp_path / "merged", dtype=torch.float32, output_loading_info=True)
+    assert not any(info.values())
+    assert np.abs(hf_logits(merged_hf.eval(), ids, mask, pv, grid, cfg.image_token_id) - ours)[valid].max() < 2e-4
