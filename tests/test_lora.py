@@ -178,3 +178,57 @@ def test_peft_export_loads_in_peft_and_transformers_with_same_logits(hf_tiny_unt
         tmp_path / "merged", dtype=torch.float32, output_loading_info=True)
     assert not any(info.values())
     assert np.abs(hf_logits(merged_hf.eval(), ids, mask, pv, grid, cfg.image_token_id) - ours)[valid].max() < 2e-4
+
+
+# ------------------------------------------------------------------------------------------ training runs
+def _config(**overrides):
+    from tests.test_train import tiny_config as train_config
+
+    return train_config(**{"lora.rank": 4, "lora.alpha": 8.0, "optim.learning_rate": 5e-3, **overrides})
+
+
+@pytest.mark.parametrize("field, value, match", [
+    ("lora.rank", -1, r"config.lora.rank must be an integer >= 0"),
+    ("lora.alpha", 0.0, r"config.lora.alpha must be > 0"),
+    ("lora.dropout", 0.1, r"config.lora.dropout = 0.1: adapter dropout is not implemented"),
+    ("lora.targets", "model.(", r"config.lora.targets = 'model.\(' is neither a preset"),
+    ("lora.sft_to_rl", "fold", r"config.lora.sft_to_rl = 'fold'; allowed values: merge, keep"),
+    ("lora.base_quant", "int4", r"config.lora.base_quant = 'int4'; allowed values: none"),
+])
+def test_bad_lora_config_names_field(field, value, match):
+    from mr1jax.config import ConfigError, validate_config
+
+    with pytest.raises(ConfigError, match=match):
+        validate_config(_config(**{field: value}))
+
+
+@pytest.mark.slow
+def test_lora_sft_merge_then_grpo_resumes_exactly_and_exports(tmp_path):
+    """SFT (adapters) -> merge into the base -> GRPO on fresh adapters, stopped after the boundary and resumed:
+    the checkpoints hold only adapters (+ their Adam state) and the resumed run is bit-identical."""
+    import json
+    import os
+
+    from mr1jax.train import train_and_evaluate
+    from tests.test_train import _params
+
+    kw = {"mode": "sft_then_grpo", "sft.steps": 1, "total_steps": 2, "checkpoint.every_steps": 1}
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    train_and_evaluate(_config(export_hf=True, **kw), str(straight))
+    train_and_evaluate(_config(max_steps=2, **kw), str(split))          # SFT step 1, RL step 2; stop
+    assert _params(split)[0] == 2 and (split / "sft_adapters" / "adapter_config.json").exists()
+    train_and_evaluate(_config(**kw), str(split))                       # resumes: re-merges the SFT adapters
+    (s1, a), (s2, b) = _params(straight), _params(split)
+    assert s1 == s2 == 3 and a.keys() == b.keys()
+    assert all("lora_a" in k or "lora_b" in k for k in a if k.startswith("['params']"))   # adapters only
+    n_params = sum(v.size for k, v in a.items() if k.startswith("['params']"))
+    assert n_params < 50_000                                             # the base is not in the checkpoint
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+    log = lambda d: [(r["step"], r["reward"], r["kl"], r["loss"])  # noqa: E731
+                     for r in map(json.loads, (d / "metrics.jsonl").read_text().splitlines()) if "kl" in r]
+    assert log(straight) == log(split)
+    assert log(straight)[0][2] == pytest.approx(0.0, abs=1e-6)          # first RL step: policy == merged reference
+    assert os.path.exists(straight / "hf_adapter" / "adapter_model.safetensors")
+    from mr1jax.models.qwen2_vl.hf import load_pretrained
+    assert load_pretrained(straight / "hf").config.text.hidden_size == 64
