@@ -148,22 +148,27 @@ def _checkpoint_steps(workdir: str) -> list[int]:
     return steps
 
 
-def restore_params(model, workdir: str, step: int) -> None:
-    """Load the parameters of checkpoint `step` of the run in `workdir` into `model` (in place).
+def restore_params(model, workdir: str, step: int, config=None):
+    """Load the parameters of checkpoint `step` of the run in `workdir` into `model` (in place); returns the model.
 
     Only the `params` subtree of the saved state is read (no optimizer state or reference copy), straight
-    onto the shardings of `model`'s parameters.
+    onto the shardings of `model`'s parameters. A LoRA run (`config.lora.rank > 0`) saved only adapters: they
+    are attached to `model` (the base) and the returned model carries them (the sampler applies them).
     """
     from flax import nnx
 
+    from mr1jax import lora
     from mr1jax.checkpoint import Checkpointer
 
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), async_save=False)
     try:
+        if config is not None and config.get("lora", {}).get("rank", 0):
+            return lora.restore_run_adapters(model, config, workdir, step, lambda a: ckpt.restore_params(step, a))
         params = ckpt.restore_params(step, nnx.state(model, nnx.Param))
     finally:
         ckpt.close()
     nnx.update(model, params)
+    return model
 
 
 class _Indexed(Sequence):
@@ -390,7 +395,7 @@ def run_eval(args: argparse.Namespace) -> dict[str, Any]:
         c = ml_collections.ConfigDict(cfg["config"].to_dict())
         c.model.dtype = cfg["dtype"]
         model, tokenizer = build_model(c, mesh)
-        restore_params(model, cfg["workdir"], cfg["step"])
+        model = restore_params(model, cfg["workdir"], cfg["step"], c)
         source = dict(kind="checkpoint", workdir=os.path.abspath(cfg["workdir"]), step=cfg["step"],
                       checkpoint=os.path.join(os.path.abspath(cfg["workdir"]), "checkpoints", str(cfg["step"])),
                       dtype=cfg["dtype"])

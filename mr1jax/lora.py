@@ -386,3 +386,22 @@ def adapters_from_peft(graphdef: nnx.GraphDef, adapters: nnx.State, base: nnx.St
     load_peft(model, path)
     _, loaded, _ = nnx.split(model, LoRAParam, ...)
     return jax.tree.map(lambda new, old: jax.device_put(new.astype(old.dtype), old.sharding), loaded, adapters)
+
+
+# ----------------------------------------------------------------------------------------- run checkpoints
+def restore_run_adapters(model: nnx.Module, c, workdir: str, step: int, restore: Callable[[nnx.State], nnx.State]
+                         ) -> nnx.Module:
+    """Attach to the base `model` (built from run config `c`) the adapters of checkpoint `step` of the LoRA run
+    in `workdir` (in place; returns the model). `restore(abstract adapters) -> adapters` reads the checkpoint's
+    ``params`` subtree. For an RL checkpoint of a ``lora.sft_to_rl = "merge"`` run, the SFT adapters saved at
+    the boundary (``<workdir>/sft_adapters``) are first folded into the base, as in training."""
+    from mr1jax.config import phase_steps
+
+    cfg = LoRAConfig.from_config(c)
+    apply_lora(model, cfg, seed=c.seed)
+    graphdef, adapters, base = nnx.split(model, LoRAParam, ...)
+    sft_steps, rl_steps = phase_steps(c)
+    if c.lora.sft_to_rl == "merge" and sft_steps and rl_steps and step > sft_steps:
+        sft = adapters_from_peft(graphdef, adapters, base, os.path.join(workdir, "sft_adapters"))
+        _, base = fold_adapters(graphdef, sft, base, seed=c.seed + 1)
+    return nnx.merge(graphdef, restore(adapters), base)

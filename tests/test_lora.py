@@ -230,5 +230,14 @@ def test_lora_sft_merge_then_grpo_resumes_exactly_and_exports(tmp_path):
     assert log(straight) == log(split)
     assert log(straight)[0][2] == pytest.approx(0.0, abs=1e-6)          # first RL step: policy == merged reference
     assert os.path.exists(straight / "hf_adapter" / "adapter_model.safetensors")
+    from mr1jax.export import export_checkpoint
     from mr1jax.models.qwen2_vl.hf import load_pretrained
-    assert load_pretrained(straight / "hf").config.text.hidden_size == 64
+
+    final = load_pretrained(straight / "hf")
+    out = export_checkpoint(str(straight), step=3)                      # adapters of the last RL checkpoint
+    assert os.path.exists(out + "-adapter/adapter_config.json")
+    exported = load_pretrained(out)
+    flat = lambda m: {p: np.asarray(v[...]) for p, v in nnx.to_flat_state(nnx.state(m, nnx.Param))}  # noqa: E731
+    a, b = flat(final), flat(exported)
+    for k in a:                                                          # the end-of-run export, same merge
+        np.testing.assert_allclose(a[k], b[k], atol=1e-6, err_msg=str(k))
