@@ -196,7 +196,9 @@ def split_for_training(model: nnx.Module, c, mesh, *, seed: int | None = None):
     if cfg.rank == 0:
         graphdef, params = nnx.split(model)
         return graphdef, params, None
-    apply_lora(model, cfg, seed=c.seed if seed is None else seed)
+    from mr1jax.build import model_dtypes
+
+    apply_lora(model, cfg, seed=c.seed if seed is None else seed, dtype=model_dtypes(c)[1])   # fp32 master adapters
     shard_adapters(model, mesh)
     graphdef, adapters, base = nnx.split(model, LoRAParam, ...)
     return graphdef, adapters, base
@@ -397,8 +399,10 @@ def restore_run_adapters(model: nnx.Module, c, workdir: str, step: int, restore:
     the boundary (``<workdir>/sft_adapters``) are first folded into the base, as in training."""
     from mr1jax.config import phase_steps
 
+    from mr1jax.build import model_dtypes
+
     cfg = LoRAConfig.from_config(c)
-    apply_lora(model, cfg, seed=c.seed)
+    apply_lora(model, cfg, seed=c.seed, dtype=model_dtypes(c)[1])
     graphdef, adapters, base = nnx.split(model, LoRAParam, ...)
     sft_steps, rl_steps = phase_steps(c)
     if c.lora.sft_to_rl == "merge" and sft_steps and rl_steps and step > sft_steps:
