@@ -50,8 +50,10 @@ PRESETS: dict[str, str] = {
     "vision": r"visual\.(blocks|merger)\.(\w+\.)*\w+",                 # vision blocks and patch merger
 }
 PRESETS["attention_mlp"] = PRESETS["language"]
-#: ``lora.base_quant`` values (the frozen base's storage).
-BASE_QUANT = ("none",)
+#: ``lora.base_quant`` values (the frozen base's storage): none (compute dtype), int8, nf4 (QLoRA).
+BASE_QUANT = ("none", "int8", "nf4")
+#: Dense layers never quantised (they stay in the compute dtype, as QLoRA keeps its output layer).
+NOT_QUANTISED = re.compile(r"lm_head|visual\.patch_embed")
 #: ``lora.sft_to_rl``: what the SFT phase's adapters become when RL starts.
 SFT_TO_RL = ("merge", "keep")
 
@@ -150,6 +152,38 @@ def remove_lora(model: nnx.Module) -> nnx.Module:
     return model
 
 
+# ----------------------------------------------------------------------------------------- quantised base
+def quantize_base(model: nnx.Module, fmt: str) -> nnx.Module:
+    """QLoRA: store the frozen base's linear kernels quantised (in place; returns the model). `fmt`: "none"
+    (nothing changes), "int8" (per output channel) or "nf4" (4-bit NormalFloat, blocks of 64 inputs); see
+    `layers.quantize`. Embeddings, norms, biases, the LM head and the patch embedding stay in their dtype;
+    adapters (attach them first) are not quantised. Each Dense dequantises its kernel to the compute dtype when
+    called (inside the layer scan: one layer's weights at a time)."""
+    if fmt == "none":
+        return model
+    from mr1jax.models.qwen2_vl.layers import quantize
+
+    for p, dense in list(nnx.iter_graph(model)):
+        if not isinstance(dense, Dense) or dense.quant is not None or NOT_QUANTISED.search(module_path(p)):
+            continue
+        k = dense.kernel
+        axes = k.get_metadata().get("logical_axes") or (None,) * k.ndim
+        codes, scale = quantize(k[...], fmt)
+        dense.kernel = k.replace(codes)
+        dense.kernel_scale = nnx.Param(scale.astype(dense.dtype), logical_axes=tuple(axes))
+        dense.quant = fmt
+    return model
+
+
+def dequantize_base(model: nnx.Module) -> nnx.Module:
+    """Undo `quantize_base` (in place): every kernel back in the compute dtype, dequantised."""
+    for _, dense in list(nnx.iter_graph(model)):
+        if isinstance(dense, Dense) and dense.quant is not None:
+            dense.kernel = dense.kernel.replace(dense.weight())
+            del dense.kernel_scale, dense.quant
+    return model
+
+
 @jax.jit
 def _merged_kernel(kernel: jax.Array, a: jax.Array, b: jax.Array, scale: jax.Array) -> jax.Array:
     delta = jnp.einsum("...ir,...ro->...io", a.astype(jnp.float32), b.astype(jnp.float32),
@@ -161,6 +195,7 @@ def merge_lora(model: nnx.Module) -> nnx.Module:
     """Fold every adapter into its kernel (kernel += scale * A @ B, in fp32, stored in the kernel's dtype) and
     remove the adapters (in place; returns the model). The kernels become new Variables, so states the model was
     merged from (``nnx.merge`` shares Variables) keep their values."""
+    dequantize_base(model)
     for _, dense in adapted(model):
         k = dense.kernel           # a new Variable: merged models share Variables with the states they came from
         dense.kernel = k.replace(_merged_kernel(k[...], dense.lora_a[...], dense.lora_b[...],
@@ -199,6 +234,9 @@ def split_for_training(model: nnx.Module, c, mesh, *, seed: int | None = None):
     from mr1jax.build import model_dtypes
 
     apply_lora(model, cfg, seed=c.seed if seed is None else seed, dtype=model_dtypes(c)[1])   # fp32 master adapters
+    quantize_base(model, c.lora.get("base_quant", "none"))
+    sharding_of = shd.param_shardings(nnx.state(model, nnx.Param), mesh)      # quantised kernels + scales
+    nnx.update(model, jax.tree.map(lambda x, s: jax.device_put(x, s), nnx.state(model, nnx.Param), sharding_of))
     shard_adapters(model, mesh)
     graphdef, adapters, base = nnx.split(model, LoRAParam, ...)
     return graphdef, adapters, base
@@ -339,7 +377,7 @@ def load_peft(model: nnx.Module, path: str | os.PathLike, *, hf_key: Callable | 
         b = np.stack([f[tensors[n]["B"]].T for n in names])
         if "{layer}" not in name:
             a, b = a[0], b[0]
-        dt = dense.kernel.dtype
+        dt = dense.kernel.dtype if jnp.issubdtype(dense.kernel.dtype, jnp.floating) else jnp.float32
         a_axes, b_axes = _adapter_axes(dense.kernel)
         dense.lora_a = LoRAParam(jnp.asarray(a.astype(dt)), logical_axes=a_axes)
         dense.lora_b = LoRAParam(jnp.asarray(b.astype(dt)), logical_axes=b_axes)
@@ -375,6 +413,15 @@ def fold_adapters(graphdef: nnx.GraphDef, adapters: nnx.State, base: nnx.State, 
     kernels keep their shardings; the fresh adapters are `fresh_adapters(adapters, seed=seed)`."""
     model = nnx.merge(graphdef, adapters, base)
     for _, dense in adapted(model):
+        if dense.quant is not None:        # QLoRA: merge into the dequantised kernel, quantise the result again
+            from mr1jax.models.qwen2_vl.layers import quantize
+
+            codes, scale = quantize(_merged_kernel(dense.weight(), dense.lora_a[...], dense.lora_b[...],
+                                                   jnp.float32(dense.lora_scale)), dense.quant)
+            dense.kernel = dense.kernel.replace(jax.device_put(codes, dense.kernel[...].sharding))
+            dense.kernel_scale = dense.kernel_scale.replace(
+                jax.device_put(scale.astype(dense.kernel_scale.dtype), dense.kernel_scale[...].sharding))
+            continue
         k = dense.kernel
         merged = _merged_kernel(k[...], dense.lora_a[...], dense.lora_b[...], jnp.float32(dense.lora_scale))
         dense.kernel = k.replace(jax.device_put(merged, k[...].sharding))     # new Variable: `base` is untouched
@@ -403,6 +450,7 @@ def restore_run_adapters(model: nnx.Module, c, workdir: str, step: int, restore:
 
     cfg = LoRAConfig.from_config(c)
     apply_lora(model, cfg, seed=c.seed, dtype=model_dtypes(c)[1])
+    quantize_base(model, c.lora.get("base_quant", "none"))
     graphdef, adapters, base = nnx.split(model, LoRAParam, ...)
     sft_steps, rl_steps = phase_steps(c)
     if c.lora.sft_to_rl == "merge" and sft_steps and rl_steps and step > sft_steps:

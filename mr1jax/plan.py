@@ -307,12 +307,13 @@ class Programs:
         from mr1jax import lora
 
         self.lora = lora.LoRAConfig.from_config(c)
+        self.base_quant = _opt(c, "lora.base_quant", "none")
         chunk = _opt(c, "model.attention_chunk", 0)
         self.frozen = self.full_graphdef = self.full_state = None
         if self.lora.rank:      # as the trainer builds it: base in the compute dtype, fp32 adapters trained
-            model = nnx.eval_shape(lambda: lora.apply_lora(
+            model = nnx.eval_shape(lambda: lora.quantize_base(lora.apply_lora(
                 Qwen2VL(model_cfg, rngs=nnx.Rngs(0), dtype=self.dtype, param_dtype=self.dtype, remat=remat),
-                self.lora, dtype=self.param_dtype))
+                self.lora, dtype=self.param_dtype), self.base_quant))
             set_attention_chunk(model, chunk)
             self.full_graphdef, full_state = nnx.split(model)
             self.graphdef, params, frozen = nnx.split(model, lora.LoRAParam, ...)
@@ -581,7 +582,11 @@ def make_plan(c: ml_collections.ConfigDict, *, topology: str | None = None, pres
     n = progs.counts
     plan: dict[str, Any] = {
         "model": {"name": model_name, "source": how, "dtype": c.model.dtype,
-                  "param_dtype": _opt(c, "model.param_dtype", c.model.dtype), "remat": remat, "params": n.total,
+                  "param_dtype": (c.model.dtype if not progs.lora.rank else f"{c.model.dtype} base"
+                                  + (f" ({progs.base_quant})" if progs.base_quant != "none" else "")
+                                  + f" + {_opt(c, 'model.param_dtype', c.model.dtype)} adapters")
+                  if progs.lora.rank else _opt(c, "model.param_dtype", c.model.dtype),
+                  "remat": remat, "params": n.total,
                   "params_vision": n.vision, "params_embedding": n.embedding, "params_lm_head": n.lm_head,
                   "params_decoder": n.decoder},
         "target": {"topology": topology, "devices": len(devices), "description": described,
