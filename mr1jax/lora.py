@@ -334,8 +334,9 @@ def _ours_of_peft(name: str) -> str:
 
 
 def load_peft(model: nnx.Module, path: str | os.PathLike, *, hf_key: Callable | None = None,
-              mesh=None) -> LoRAConfig:
+              mesh=None, dtype=None) -> LoRAConfig:
     """Attach the PEFT LoRA adapters in directory `path` to `model` (in place) and return their config.
+    The adapters are stored in `dtype` (default float32, whatever the base's dtype).
 
     Accepts the names of transformers 4 (``base_model.model.model.layers.*``) and 5
     (``base_model.model.model.language_model.layers.*``). Raises ValueError naming the PEFT modules that have no
@@ -377,7 +378,7 @@ def load_peft(model: nnx.Module, path: str | os.PathLike, *, hf_key: Callable | 
         b = np.stack([f[tensors[n]["B"]].T for n in names])
         if "{layer}" not in name:
             a, b = a[0], b[0]
-        dt = dense.kernel.dtype if jnp.issubdtype(dense.kernel.dtype, jnp.floating) else jnp.float32
+        dt = dtype or jnp.float32                  # the file's values kept exactly (adapters train in fp32)
         a_axes, b_axes = _adapter_axes(dense.kernel)
         dense.lora_a = LoRAParam(jnp.asarray(a.astype(dt)), logical_axes=a_axes)
         dense.lora_b = LoRAParam(jnp.asarray(b.astype(dt)), logical_axes=b_axes)
