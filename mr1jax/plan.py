@@ -317,7 +317,7 @@ class Programs:
             set_attention_chunk(model, chunk)
             self.full_graphdef, full_state = nnx.split(model)
             self.graphdef, params, frozen = nnx.split(model, lora.LoRAParam, ...)
-            self.counts = ParamCounts.of(frozen)
+            self.counts = ParamCounts.of(abstract_model(model_cfg, self.dtype)[1])   # unquantised parameter counts
             self.frozen = _with_shardings(frozen, sharding.param_shardings(frozen, mesh))
             self.full_state = _with_shardings(full_state, sharding.param_shardings(full_state, mesh))
         else:
