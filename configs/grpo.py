@@ -106,7 +106,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.lora.targets = "language"  # attention | mlp | language (= attention_mlp) | vision, joined by "+", or a regex
     c.lora.sft_to_rl = "merge"  # merge: SFT adapters folded into the base (the reference), fresh RL adapters;
     #                             keep: RL continues the SFT adapters, a copy of them is the reference
-    c.lora.base_quant = "none"  # frozen base storage: none (quantised bases are not implemented yet)
+    c.lora.base_quant = "none"  # frozen base storage: none (compute dtype) | int8 | nf4 (QLoRA)
+    c.lora.init_from = ""       # a PEFT adapter directory to start from (continue training); "" = fresh adapters
 
     c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
 

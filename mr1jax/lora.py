@@ -226,7 +226,9 @@ def split_for_training(model: nnx.Module, c, mesh, *, seed: int | None = None):
 
     ``lora.rank == 0``: full fine-tuning, ``nnx.split(model)`` and no frozen part. Otherwise adapters are
     attached (``lora.*``), placed on `mesh`, and the model split into the adapters (what is trained,
-    checkpointed and optimised) and the frozen base (passed to the jitted steps as a non-donated argument)."""
+    checkpointed and optimised) and the frozen base (passed to the jitted steps as a non-donated argument).
+    ``lora.init_from``: a PEFT adapter directory whose values replace the fresh adapters (continued training;
+    its layers must be among the targets and have the configured rank)."""
     cfg = LoRAConfig.from_config(c)
     if cfg.rank == 0:
         graphdef, params = nnx.split(model)
@@ -234,6 +236,14 @@ def split_for_training(model: nnx.Module, c, mesh, *, seed: int | None = None):
     from mr1jax.build import model_dtypes
 
     apply_lora(model, cfg, seed=c.seed if seed is None else seed, dtype=model_dtypes(c)[1])   # fp32 master adapters
+    if c.lora.get("init_from", ""):          # continue from PEFT adapters (their rank / alpha for those layers)
+        try:
+            got = load_peft(model, c.lora.init_from, dtype=model_dtypes(c)[1])
+        except (OSError, ValueError) as e:
+            raise ValueError(f"lora.init_from = {c.lora.init_from!r}: {e}") from None
+        if got.rank != cfg.rank:
+            raise ValueError(f"lora.init_from = {c.lora.init_from!r} holds rank-{got.rank} adapters; set "
+                             f"lora.rank = {got.rank} (it is {cfg.rank})")
     quantize_base(model, c.lora.get("base_quant", "none"))
     sharding_of = shd.param_shardings(nnx.state(model, nnx.Param), mesh)      # quantised kernels + scales
     nnx.update(model, jax.tree.map(lambda x, s: jax.device_put(x, s), nnx.state(model, nnx.Param), sharding_of))

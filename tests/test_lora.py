@@ -290,3 +290,20 @@ def test_quantised_base_logits_within_tolerance_of_bf16(hf_tiny_untied, batch, f
     assert merged.model.layers.self_attn.q_proj.quant is None
     d = np.abs(_logits(merged, batch) - adapted_logits)[mask]       # bf16 rounding of the merged kernels only
     assert d.mean() <= 0.01 * scale and d.max() <= 0.15 * scale
+
+
+@pytest.mark.slow
+def test_training_split_continues_from_peft_adapters(tmp_path):
+    """`lora.init_from`: the trainer's adapters start from a PEFT directory; a wrong rank is named."""
+    from mr1jax import sharding
+
+    model = _randomise_b(lora.apply_lora(Qwen2VL(tiny_config(), rngs=nnx.Rngs(0)), lora.LoRAConfig(rank=4, alpha=8)))
+    lora.save_peft(model, tmp_path / "a", lora.LoRAConfig(rank=4, alpha=8))
+    want = nnx.state(model, lora.LoRAParam)
+    c = _config(**{"lora.init_from": str(tmp_path / "a")})
+    mesh = sharding.make_mesh({"data": 1, "fsdp": -1, "tensor": 1})
+    _, adapters, base = lora.split_for_training(Qwen2VL(tiny_config(), rngs=nnx.Rngs(0)), c, mesh)
+    jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, want), jax.tree.map(np.asarray, adapters))
+    with pytest.raises(ValueError, match="holds rank-4 adapters; set lora.rank = 4"):
+        lora.split_for_training(Qwen2VL(tiny_config(), rngs=nnx.Rngs(0)), _config(**{
+            "lora.init_from": str(tmp_path / "a"), "lora.rank": 8}), mesh)
