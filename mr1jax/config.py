@@ -127,6 +127,10 @@ def run_dir_conflicts(c: ml_collections.ConfigDict, saved: dict[str, Any]) -> li
         for part in field.split("."):
             a = a.get(part) if isinstance(a, dict) else None
             b = b.get(part) if isinstance(b, dict) else None
+        if field == "lora" and b is None:           # a run dir from before config.lora: full fine-tuning
+            if (a or {}).get("rank", 0):
+                out.append(f"config.lora.rank: this run {a['rank']!r}, the dir's run 0 (full fine-tuning)")
+            continue
         if isinstance(a, dict) or isinstance(b, dict):
             fa, fb = _flat_fields(a or {}), _flat_fields(b or {})
             out += [f"config.{field}.{k}: this run {fa.get(k)!r}, the dir's run {fb.get(k)!r}"
