@@ -126,9 +126,7 @@ def test_updates_change_only_adapters_and_kl_reference_is_the_base():
         assert any(jax.tree.leaves(changed))
     # the last step's KL equals the KL against the explicit base copy
     ref_explicit = explicit(base_copy, batch)
-    _, _, m_explicit = jax.jit(lambda p, o, b, f: grpo_update(graphdef, p, o, b, jnp.float32(0.1), f, tx=tx,
-                                                               cfg=gcfg))(adapters, opt_state,
-                                                                          dict(batch, ref_logps=ref_explicit), base)
+    _, _, m_explicit = update(adapters, opt_state, dict(batch, ref_logps=ref_explicit), jnp.float32(0.1), base)
     ref = ref_pass(lora.disabled(adapters), batch, base)
     _, _, m_disabled = update(adapters, opt_state, dict(batch, ref_logps=ref), jnp.float32(0.1), base)
     assert kls[-1] > 0 and float(m_disabled["kl"]) > 0
