@@ -305,3 +305,19 @@ def test_training_split_continues_from_peft_adapters(tmp_path):
     with pytest.raises(ValueError, match="holds rank-4 adapters; set lora.rank = 4"):
         lora.split_for_training(Qwen2VL(tiny_config(), rngs=nnx.Rngs(0)), _config(**{
             "lora.init_from": str(tmp_path / "a"), "lora.rank": 8}), mesh)
+
+
+@pytest.mark.slow
+def test_lora_sft_keep_then_grpo(tmp_path):
+    """``lora.sft_to_rl = "keep"``: RL continues the SFT adapters, a frozen copy of them is the reference (KL 0 at
+    the first RL step, then > 0); nothing is merged and no SFT adapter directory is written."""
+    import json
+
+    from mr1jax.train import train_and_evaluate
+
+    c = _config(mode="sft_then_grpo", total_steps=2, **{"sft.steps": 1, "lora.sft_to_rl": "keep",
+                                                        "rl.beta_schedule": "constant", "rl.beta": 0.1})
+    train_and_evaluate(c, str(tmp_path))
+    kl = [r["kl"] for r in map(json.loads, (tmp_path / "metrics.jsonl").read_text().splitlines()) if "kl" in r]
+    assert len(kl) == 2 and abs(kl[0]) < 1e-6 and kl[1] > 0
+    assert not (tmp_path / "sft_adapters").exists()
