@@ -105,6 +105,16 @@ def get_config() -> ml_collections.ConfigDict:
     c.sft.annotator_miss_rate = 0.6
     c.sft.annotator_min_count = 4
 
+    c.lora = ml_collections.ConfigDict()
+    c.lora.rank = 0             # LoRA adapters of this rank on lora.targets; 0 = full fine-tuning
+    c.lora.alpha = 16.0         # adapter output scale alpha / rank
+    c.lora.dropout = 0.0        # written to the PEFT adapter config; training applies no dropout (must be 0)
+    c.lora.targets = "language"  # attention | mlp | language (= attention_mlp) | vision, joined by "+", or a regex
+    c.lora.sft_to_rl = "merge"  # merge: SFT adapters folded into the base (the reference), fresh RL adapters;
+    #                             keep: RL continues the SFT adapters, a copy of them is the reference
+    c.lora.base_quant = "none"  # frozen base storage: none (compute dtype) | int8 | nf4 (QLoRA)
+    c.lora.init_from = ""       # a PEFT adapter directory to start from (continue training); "" = fresh adapters
+
     c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
     # Several processes (hosts): joined automatically on TPU slices, SLURM, Open MPI; elsewhere give the
     # coordinator (process 0's host:port), the process count and this process's id (or JAX_COORDINATOR_ADDRESS,

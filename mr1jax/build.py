@@ -26,11 +26,14 @@ def model_dtypes(c: ml_collections.ConfigDict) -> tuple[Any, Any]:
 
 
 def build_model(c: ml_collections.ConfigDict, mesh) -> tuple[Qwen2VL, Any]:
-    """The policy on `mesh` (parameters in ``model.param_dtype``, compute in ``model.dtype``, remat as
+    """The policy on `mesh` (parameters in ``model.param_dtype``, or the compute dtype for a LoRA run's frozen
+    base, compute in ``model.dtype``, remat as
     ``model.remat``, attention blocks of ``model.attention_chunk`` queries) and its tokenizer: from
     ``model.hf_path`` (its config.json's model_type picks Qwen2-VL or Qwen2.5-VL), or the tiny random model of
     ``model.tiny`` in the family ``model.family`` (qwen2_vl | qwen2_5_vl)."""
     dtype, param_dtype = model_dtypes(c)
+    if c.get("lora") is not None and c.lora.get("rank", 0):
+        param_dtype = dtype      # LoRA: the frozen base is stored in the compute dtype (adapters: model.param_dtype)
     remat = c.model.get("remat", "none")
     if c.model.hf_path:
         model = load_pretrained(c.model.hf_path, dtype=dtype, param_dtype=param_dtype, mesh=mesh, remat=remat)

@@ -19,6 +19,7 @@ import optax
 from mr1jax.build import MODEL_DTYPES
 from mr1jax.distributed import MODES as DISTRIBUTED_MODES
 from mr1jax.distributed import requested as distributed_requested
+from mr1jax.lora import BASE_QUANT, PRESETS, SFT_TO_RL, target_regex
 from mr1jax.data.tasks import TASKS
 from mr1jax.models.families import FAMILIES
 from mr1jax.models.qwen2_vl.model import REMAT_POLICIES
@@ -47,6 +48,8 @@ CHOICES = {
     "data.task": tuple(TASKS),
     "mode": MODES,
     "distributed.mode": DISTRIBUTED_MODES,
+    "lora.sft_to_rl": tuple(SFT_TO_RL),
+    "lora.base_quant": tuple(BASE_QUANT),
 }
 POSITIVE = ("total_steps", "data.batch_size", "data.prompt_bucket", "data.image_size", "data.images_per_prompt",
             "rollout.num_samples",
@@ -57,7 +60,7 @@ FRACTIONS = ("rl.warmup_fraction", "sft.warmup_fraction", "sft.annotator_miss_ra
 #: Fields a rerun in an existing work dir must keep: they fix the checkpoint's arrays and the data shapes.
 RUN_DIR_FIELDS = ("mode", "sft.steps", "model.hf_path", "model.family", "model.tiny", "model.param_dtype",
                   "model.dtype", "data.task", "data.train_files", "data.tfds", "data.image_size", "data.prompt_bucket",
-                  "data.batch_size", "data.images_per_prompt")
+                  "data.batch_size", "data.images_per_prompt", "lora")
 
 
 def _get(c: ml_collections.ConfigDict, dotted: str) -> Any:
@@ -133,6 +136,10 @@ def run_dir_conflicts(c: ml_collections.ConfigDict, saved: dict[str, Any]) -> li
         for part in field.split("."):
             a = a.get(part) if isinstance(a, dict) else None
             b = b.get(part) if isinstance(b, dict) else None
+        if field == "lora" and b is None:           # a run dir from before config.lora: full fine-tuning
+            if (a or {}).get("rank", 0):
+                out.append(f"config.lora.rank: this run {a['rank']!r}, the dir's run 0 (full fine-tuning)")
+            continue
         if field in _FIELD_DEFAULTS:  # runs from before the field existed had its default
             a, b = (_FIELD_DEFAULTS[field] if v is None else v for v in (a, b))
         if isinstance(a, dict) or isinstance(b, dict):
@@ -210,6 +217,8 @@ def validate_config(c: ml_collections.ConfigDict, reference: ml_collections.Conf
     if not user_data(c) and c.data.num_train < c.data.batch_size:
         raise ConfigError(f"config.data.num_train = {c.data.num_train} is smaller than one batch "
                           f"({c.data.batch_size})")
+    if "lora" in c:
+        check_lora(c.lora)
     try:
         stages = parse_stages(c.rl.ptst_stages) if c.rl.ptst_stages else []
     except ValueError as e:
@@ -246,6 +255,26 @@ def _check_tfds(c: ml_collections.ConfigDict) -> None:
 def user_data(c: ml_collections.ConfigDict) -> bool:
     """True when training on the user's data (files or a TFDS dataset), False on a synthetic task."""
     return bool(c.data.train_files or c.data.get("tfds"))
+def check_lora(lc: ml_collections.ConfigDict) -> None:
+    """ConfigError naming the first bad ``config.lora`` field."""
+    import re
+
+    if not isinstance(lc.rank, int) or isinstance(lc.rank, bool) or lc.rank < 0:
+        raise ConfigError(f"config.lora.rank must be an integer >= 0 (0 = full fine-tuning), got {lc.rank!r}")
+    if not lc.rank:
+        return
+    if not isinstance(lc.alpha, (int, float)) or not lc.alpha > 0:
+        raise ConfigError(f"config.lora.alpha must be > 0, got {lc.alpha!r}")
+    if lc.dropout != 0:
+        raise ConfigError(f"config.lora.dropout = {lc.dropout!r}: adapter dropout is not implemented; use 0")
+    if not isinstance(lc.targets, str) or not lc.targets:
+        raise ConfigError(f"config.lora.targets must be a preset ({', '.join(PRESETS)}, joined by '+') or a regex "
+                          f"over linear-layer paths, got {lc.targets!r}")
+    try:
+        re.compile(target_regex(lc.targets))
+    except re.error as e:
+        raise ConfigError(f"config.lora.targets = {lc.targets!r} is neither a preset ({', '.join(PRESETS)}) nor a "
+                          f"valid regex: {e}") from None
 
 
 def beta_schedule(c: ml_collections.ConfigDict):

@@ -6,6 +6,7 @@
     python -m mr1jax.eval --hf_path=/models/Qwen2-VL-2B-Instruct --data_files=mathvista.parquet \\
         --fields=geometry3k --image_size=448 --prompt_bucket=512 --max_new_tokens=512
     python -m mr1jax.eval --workdir=DIR --temperature=1.0 --num_samples=8 --seed=0   # sampled pass@8
+    python -m mr1jax.eval --hf_path=/models/Qwen2-VL-2B-Instruct --peft_adapter=DIR/hf_adapter --task=counting
 
 Model source (exactly one): a training run's latest checkpoint (`--workdir`), one of its checkpoints
 (`--workdir --step` or `--checkpoint=DIR/checkpoints/N`), or a Hugging Face directory (`--hf_path`, tokenizer
@@ -71,6 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--checkpoint", help="one checkpoint directory, DIR/checkpoints/N")
     src.add_argument("--hf_path", help="Hugging Face Qwen2-VL directory (config.json + safetensors)")
     src.add_argument("--tokenizer_path", help="tokenizer directory for --hf_path (default: --hf_path)")
+    src.add_argument("--peft_adapter", help="with --hf_path: a PEFT LoRA adapter directory (adapter_config.json + "
+                                            "adapter_model.safetensors) applied to the model")
     src.add_argument("--dtype", choices=("float32", "bfloat16"),
                      help="compute dtype (default: the run's, or the HF config's dtype)")
     data = p.add_argument_group("data (default: the run's eval data)")
@@ -148,22 +151,27 @@ def _checkpoint_steps(workdir: str) -> list[int]:
     return steps
 
 
-def restore_params(model, workdir: str, step: int) -> None:
-    """Load the parameters of checkpoint `step` of the run in `workdir` into `model` (in place).
+def restore_params(model, workdir: str, step: int, config=None):
+    """Load the parameters of checkpoint `step` of the run in `workdir` into `model` (in place); returns the model.
 
     Only the `params` subtree of the saved state is read (no optimizer state or reference copy), straight
-    onto the shardings of `model`'s parameters.
+    onto the shardings of `model`'s parameters. A LoRA run (`config.lora.rank > 0`) saved only adapters: they
+    are attached to `model` (the base) and the returned model carries them (the sampler applies them).
     """
     from flax import nnx
 
+    from mr1jax import lora
     from mr1jax.checkpoint import Checkpointer
 
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), async_save=False)
     try:
+        if config is not None and config.get("lora", {}).get("rank", 0):
+            return lora.restore_run_adapters(model, config, workdir, step, lambda a: ckpt.restore_params(step, a))
         params = ckpt.restore_params(step, nnx.state(model, nnx.Param))
     finally:
         ckpt.close()
     nnx.update(model, params)
+    return model
 
 
 class _Indexed(Sequence):
@@ -221,6 +229,8 @@ def resolve(args: argparse.Namespace) -> dict[str, Any]:
         raise EvalError("--step needs --workdir (or pass --checkpoint=DIR/checkpoints/N)")
     if args.tokenizer_path and not args.hf_path:
         raise EvalError("--tokenizer_path only applies to --hf_path (a run uses its config's tokenizer)")
+    if getattr(args, "peft_adapter", None) and not args.hf_path:
+        raise EvalError("--peft_adapter only applies to --hf_path (a LoRA run's checkpoints carry their adapters)")
     if args.task and args.data_files:
         raise EvalError("conflicting data: pass --task or --data_files, not both")
     if args.fields and not args.data_files:
@@ -385,6 +395,10 @@ def run_eval(args: argparse.Namespace) -> dict[str, Any]:
         except FileNotFoundError as e:
             hint = "; pass --tokenizer_path=DIR" if "tokenizer" in str(e) and not args.tokenizer_path else ""
             raise EvalError(f"{e}{hint}") from None
+        if args.peft_adapter:                 # adapters applied in the sampler, no merge
+            from mr1jax import lora
+
+            lora.load_peft(model, args.peft_adapter, mesh=mesh)
         source = dict(kind="hf", hf_path=os.path.abspath(args.hf_path),
                       tokenizer_path=os.path.abspath(args.tokenizer_path or args.hf_path), dtype=cfg["dtype"])
         if cfg["run_dir"]:
@@ -393,7 +407,7 @@ def run_eval(args: argparse.Namespace) -> dict[str, Any]:
         c = ml_collections.ConfigDict(cfg["config"].to_dict())
         c.model.dtype = cfg["dtype"]
         model, tokenizer = build_model(c, mesh)
-        restore_params(model, cfg["workdir"], cfg["step"])
+        model = restore_params(model, cfg["workdir"], cfg["step"], c)
         source = dict(kind="checkpoint", workdir=os.path.abspath(cfg["workdir"]), step=cfg["step"],
                       checkpoint=os.path.join(os.path.abspath(cfg["workdir"]), "checkpoints", str(cfg["step"])),
                       dtype=cfg["dtype"])

@@ -2,6 +2,11 @@
 
     python -m mr1jax.export --workdir=DIR [--step=N] [--out=DIR/hf-N] [--dtype=bfloat16]
 
+For a LoRA run (``config.lora.rank > 0``) the checkpoint holds only adapters: they are written in PEFT format to
+``<out>-adapter`` (`adapter_config.json` + `adapter_model.safetensors`, for ``peft.PeftModel.from_pretrained`` on
+the base model; for an RL checkpoint of a ``lora.sft_to_rl = "merge"`` run the base is the SFT-merged model) and
+merged into the base for the full HF directory `<out>`.
+
 The model structure comes from the run's own `DIR/config.json` (the training config), so a checkpoint
 restores onto exactly the model it was trained with.
 """
@@ -19,6 +24,7 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
+from mr1jax import lora
 from mr1jax.checkpoint import CheckpointCorruptError, Checkpointer, CheckpointMismatchError
 
 
@@ -46,11 +52,17 @@ def export_checkpoint(workdir: str, step: int | None = None, out: str | None = N
         ckpt.close()
         raise ExportError(f"no checkpoint in {ckpt.directory}: nothing to export")
     model, tokenizer = build_model(config, sharding.make_mesh({"data": 1, "fsdp": -1, "tensor": 1}))
+    lora_rank = config.get("lora", {}).get("rank", 0)
+    out = out or os.path.join(workdir, f"hf-{step}")
     try:
-        nnx.update(model, ckpt.restore_params(step, nnx.state(model, nnx.Param)))
+        if lora_rank:        # LoRA run: the checkpoint holds adapters; PEFT adapters next to the merged model
+            model = lora.restore_run_adapters(model, config, workdir, step, lambda a: ckpt.restore_params(step, a))
+            lora.save_peft(model, out.rstrip("/") + "-adapter", lora.LoRAConfig.from_config(config))
+            lora.merge_lora(model)
+        else:
+            nnx.update(model, ckpt.restore_params(step, nnx.state(model, nnx.Param)))
     finally:
         ckpt.close()
-    out = out or os.path.join(workdir, f"hf-{step}")
     save_pretrained(model, out, save_dtype=jnp.dtype(dtype) if dtype else None)
     tokenizer.save_pretrained(out)
     return out

@@ -314,9 +314,27 @@ class Programs:
         self.warnings: dict[str, str] = {}
         self.dtype = _DTYPES[c.model.dtype]
         self.param_dtype = _DTYPES[_opt(c, "model.param_dtype", c.model.dtype)]
-        self.graphdef, params = abstract_model(model_cfg, self.dtype, self.param_dtype, remat,
-                                               _opt(c, "model.attention_chunk", 0))
-        self.counts = ParamCounts.of(params)
+        from mr1jax import lora
+
+        self.lora = lora.LoRAConfig.from_config(c)
+        self.base_quant = _opt(c, "lora.base_quant", "none")
+        chunk = _opt(c, "model.attention_chunk", 0)
+        self.frozen = self.full_graphdef = self.full_state = None
+        if self.lora.rank:      # as the trainer builds it: base in the compute dtype, fp32 adapters trained
+            model = nnx.eval_shape(lambda: lora.quantize_base(lora.apply_lora(
+                Qwen2VL(model_cfg, rngs=nnx.Rngs(0), dtype=self.dtype, param_dtype=self.dtype, remat=remat),
+                self.lora, dtype=self.param_dtype), self.base_quant))
+            set_attention_chunk(model, chunk)
+            self.full_graphdef, full_state = nnx.split(model)
+            self.graphdef, params, frozen = nnx.split(model, lora.LoRAParam, ...)
+            self.counts = ParamCounts.of(abstract_model(model_cfg, self.dtype)[1])   # unquantised parameter counts
+            self.frozen = _with_shardings(frozen, sharding.param_shardings(frozen, mesh))
+            self.full_state = _with_shardings(full_state, sharding.param_shardings(full_state, mesh))
+        else:
+            self.graphdef, params = abstract_model(model_cfg, self.dtype, self.param_dtype, remat, chunk)
+            self.counts = ParamCounts.of(params)
+        self.frozen_shardings = None if self.frozen is None else jax.tree.map(lambda a: a.sharding, self.frozen)
+        self.extra = () if self.frozen is None else (self.frozen,)
         self.sft_tx, self.rl_tx = make_optimizers(c)        # the trainer's (same state structure)
         ref = jax.eval_shape(lambda p: steps.cast_floating(p, self.dtype), params) if kl else None
         opt_state = jax.eval_shape((self.sft_tx or self.rl_tx).init, params)
@@ -329,7 +347,8 @@ class Programs:
         self.replicated = steps.replicated(mesh)
         # per-device bytes of each part of the train state the trainer keeps on the devices for the whole run
         self.state_bytes = {"params": _per_device_bytes(self.params), "opt_state": _per_device_bytes(self.opt_state),
-                            "ref_params": _per_device_bytes(self.ref_params) if kl else 0}
+                            "ref_params": _per_device_bytes(self.ref_params) if kl else 0,
+                            "frozen": 0 if self.frozen is None else _per_device_bytes(self.frozen)}
 
     def resident(self, phase: str, *passed: str) -> int:
         """Bytes per device of the train state that stays on the devices while a step runs without being one
@@ -360,9 +379,10 @@ class Programs:
         self._check_split("grpo_update", p, cfg.micro_batches)
         spec = steps.grpo_batch_spec(self.cfg, cfg, p, s.image_size, s.max_new_tokens, with_ref=self.kl,
                                      with_old=self._several_updates(), images_per_prompt=s.images_per_prompt)
-        jitted = steps.jit_grpo_update(self.graphdef, self.mesh, self.shardings, spec, tx=self.rl_tx, cfg=cfg)
+        jitted = steps.jit_grpo_update(self.graphdef, self.mesh, self.shardings, spec, tx=self.rl_tx, cfg=cfg,
+                                       frozen_shardings=self.frozen_shardings)
         beta = _sds((), jnp.float32, self.replicated)
-        return StepProgram("grpo_update", jitted, (self.params, self.opt_state, self._batch(spec), beta),
+        return StepProgram("grpo_update", jitted, (self.params, self.opt_state, self._batch(spec), beta, *self.extra),
                            f"{p}x{s.num_samples} rows x {s.seq}, {cfg.micro_batches} micro",
                            self.resident("rl", "params", "opt_state"))
 
@@ -373,8 +393,9 @@ class Programs:
         spec = steps.grpo_batch_spec(self.cfg, cfg, s.prompts, s.image_size, s.max_new_tokens, with_ref=False,
                                      images_per_prompt=s.images_per_prompt)
         params = self.ref_params if self.kl else self.params
-        jitted = steps.jit_token_logprobs(self.graphdef, self.mesh, self.shardings.params, spec, cfg=cfg)
-        return StepProgram("token_logprobs", jitted, (params, self._batch(spec)),
+        jitted = steps.jit_token_logprobs(self.graphdef, self.mesh, self.shardings.params, spec, cfg=cfg,
+                                          frozen_shardings=self.frozen_shardings)
+        return StepProgram("token_logprobs", jitted, (params, self._batch(spec), *self.extra),
                            f"{'ref' if self.kl else 'old'}: {s.prompts}x{s.num_samples} rows x {s.seq}, "
                            f"{cfg.micro_batches} micro", self.resident("rl", "ref_params" if self.kl else "params"))
 
@@ -382,8 +403,9 @@ class Programs:
         rows, cfg = s.prompts, sft_config(self.c)
         self._check_split("sft_update", rows, cfg.micro_batches)
         spec = steps.sft_batch_spec(self.cfg, rows, seq, s.image_size, s.images_per_prompt)
-        jitted = steps.jit_sft_update(self.graphdef, self.mesh, self.shardings, spec, tx=self.sft_tx, cfg=cfg)
-        return StepProgram("sft_update", jitted, (self.params, self.opt_state, self._batch(spec)),
+        jitted = steps.jit_sft_update(self.graphdef, self.mesh, self.shardings, spec, tx=self.sft_tx, cfg=cfg,
+                                      frozen_shardings=self.frozen_shardings)
+        return StepProgram("sft_update", jitted, (self.params, self.opt_state, self._batch(spec), *self.extra),
                            f"{rows} rows x {seq}, {cfg.micro_batches} micro", self.resident("sft", "params", "opt_state"))
 
     def rollout(self, s: Shapes) -> StepProgram:
@@ -399,18 +421,19 @@ class Programs:
         npatch = p * s.images_per_prompt * s.patches
         i32, f32 = jnp.int32, jnp.float32
         key = jax.eval_shape(lambda: jax.random.key(0))
-        args = (self.params, _sds((p, length), i32, rows), _sds((p, length), i32, rows),
+        state = self.params if self.full_state is None else self.full_state   # LoRA: adapters + base
+        args = (state, _sds((p, length), i32, rows), _sds((p, length), i32, rows),
                 _sds((3, p, length), i32, rows2), _sds((p,), i32, rows),
                 _sds((npatch, self.cfg.vision.patch_dim), f32, rep), _sds((npatch, 2), i32, rep),
                 jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=rep), _sds((), f32, rep), _sds((), i32, rep),
                 _sds((), f32, rep), _sds((len(self.cfg.eos_token_ids),), i32, rep), _sds((2,), i32, rep))
-        graphdef = self.graphdef
+        graphdef = self.graphdef if self.full_graphdef is None else self.full_graphdef
 
         def fn(state, ids, mask, pos, deltas, pixels, patch_pos, rng, temperature, top_k, top_p, eos, suppress):
             return _rollout(graphdef, state, ids, mask, pos, deltas, pixels, patch_pos, None, rng, temperature,
                             top_k, top_p, eos, suppress, patch_segments=p * s.images_per_prompt, num_samples=g, max_new_tokens=t)
 
-        in_sh = (self.shardings.params,) + tuple(a.sharding for a in args[1:])
+        in_sh = (jax.tree.map(lambda a: a.sharding, state),) + tuple(a.sharding for a in args[1:])
         jitted = jax.jit(fn, in_shardings=in_sh, out_shardings=(rows, rows, rows, rows))
         return StepProgram("rollout", jitted, args, f"{p} prompts x {length} -> {g}x{t} new",
                            self.resident("rl", "params"))
@@ -570,12 +593,20 @@ def make_plan(c: ml_collections.ConfigDict, *, topology: str | None = None, pres
     n = progs.counts
     plan: dict[str, Any] = {
         "model": {"name": model_name, "source": how, "dtype": c.model.dtype,
-                  "param_dtype": _opt(c, "model.param_dtype", c.model.dtype), "remat": remat, "params": n.total,
+                  "param_dtype": (c.model.dtype if not progs.lora.rank else f"{c.model.dtype} base"
+                                  + (f" ({progs.base_quant})" if progs.base_quant != "none" else "")
+                                  + f" + {_opt(c, 'model.param_dtype', c.model.dtype)} adapters")
+                  if progs.lora.rank else _opt(c, "model.param_dtype", c.model.dtype),
+                  "remat": remat, "params": n.total,
                   "params_vision": n.vision, "params_embedding": n.embedding, "params_lm_head": n.lm_head,
                   "params_decoder": n.decoder},
         "target": {"topology": topology, "devices": len(devices), "description": described,
                    "platform": devices[0].platform, "compiled_for": compiled_for},
         "mesh": {k: int(v) for k, v in mesh.shape.items()},
+        "lora": None if not progs.lora.rank else {
+            "rank": progs.lora.rank, "alpha": progs.lora.alpha, "targets": progs.lora.targets,
+            "trainable_params": int(sum(math.prod(a.shape) for a in jax.tree.leaves(progs.params))),
+            "frozen_base_bytes_per_device": progs.state_bytes["frozen"]},
         "accelerators": {k: {"hbm_bytes": a.hbm_bytes, "bf16_flops": a.bf16_flops, "nominal": a.nominal}
                          for k, a in ACCELERATORS.items()},
         "kl": kl, "stages": []}
@@ -676,6 +707,10 @@ def format_plan(plan: dict) -> str:
            f"({m.get('param_dtype', m['dtype'])} storage, {m['dtype']} compute, remat {m['remat']}; "
            f"vision {m['params_vision']:,}, decoder {m['params_decoder']:,}, embedding {m['params_embedding']:,}, "
            f"lm_head {m['params_lm_head']:,})",
+           *([f"  LoRA    rank {plan['lora']['rank']} on {plan['lora']['targets']}: "
+              f"{plan['lora']['trainable_params']:,} trainable parameters (fp32, Adam); frozen base "
+              f"{plan['lora']['frozen_base_bytes_per_device'] / GiB:.2f} GiB per device in {m['dtype']}, "
+              "an argument of every step"] if plan.get("lora") else []),
            f"  target  {t['description']}; mesh " + " ".join(f"{k}={v}" for k, v in plan["mesh"].items()),
            f"  memory  per device, XLA:{t['platform'].upper()} memory analysis; sum = args + out - alias + temp + code; "
            "peak = the compiler's peak (XLA:TPU only); +state = train state resident on the device but not an "

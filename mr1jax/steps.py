@@ -38,9 +38,11 @@ from mr1jax.rl.update import GRPOConfig, SFTConfig, grpo_update, sft_update, tok
 class TrainState:
     """Everything a training step changes, as one pytree.
 
-    params:     nnx.State of the policy (fp32 master weights).
+    params:     nnx.State of the policy (fp32 master weights); with LoRA only the adapters (the frozen base
+                lives outside the state, `mr1jax.lora.split_for_training`).
     opt_state:  optax state (moments in the parameter dtype).
-    ref_params: frozen reference policy in the compute dtype, or None (beta == 0 throughout).
+    ref_params: frozen reference policy in the compute dtype, or None (beta == 0 throughout); with LoRA the
+                reference adapters (zeros = adapters disabled, or the SFT phase's adapters).
     rng:        uint32[2] raw key data (`jax.random.key_data`), split once per RL step.
     step:       global step, a host int (SFT steps first, then RL steps; static, not traced).
     """
@@ -157,28 +159,37 @@ def sft_batch_spec(config: Qwen2VLConfig, examples: int, seq_len: int, image_siz
 
 
 # --------------------------------------------------------------------------------------------- jitted steps
+def _frozen(frozen_shardings: Any) -> tuple:
+    return () if frozen_shardings is None else (frozen_shardings,)
+
+
 def jit_grpo_update(graphdef: nnx.GraphDef, mesh: Mesh, shardings: TrainState, batch_keys: Iterable[str], *,
-                    tx: optax.GradientTransformation, cfg: GRPOConfig):
-    """`update(params, opt_state, batch, beta) -> (params, opt_state, metrics)`, params / opt_state donated."""
+                    tx: optax.GradientTransformation, cfg: GRPOConfig, frozen_shardings: Any = None):
+    """`update(params, opt_state, batch, beta) -> (params, opt_state, metrics)`, params / opt_state donated.
+
+    frozen_shardings: with LoRA, the shardings of the frozen base; the function then takes it as a last,
+    non-donated argument: `update(adapters, opt_state, batch, beta, base)`."""
     fn = functools.partial(grpo_update, graphdef, tx=tx, cfg=cfg, grad_shardings=shardings.params)
     return jax.jit(fn, in_shardings=(shardings.params, shardings.opt_state, batch_shardings(batch_keys, mesh),
-                                     replicated(mesh)),
+                                     replicated(mesh), *_frozen(frozen_shardings)),
                    out_shardings=(shardings.params, shardings.opt_state, replicated(mesh)), donate_argnums=(0, 1))
 
 
 def jit_sft_update(graphdef: nnx.GraphDef, mesh: Mesh, shardings: TrainState, batch_keys: Iterable[str], *,
-                   tx: optax.GradientTransformation, cfg: SFTConfig):
-    """`update(params, opt_state, batch) -> (params, opt_state, metrics)`, params / opt_state donated."""
+                   tx: optax.GradientTransformation, cfg: SFTConfig, frozen_shardings: Any = None):
+    """`update(params, opt_state, batch[, base]) -> (params, opt_state, metrics)`, params / opt_state donated
+    (the frozen LoRA base, when `frozen_shardings` is given, is not)."""
     fn = functools.partial(sft_update, graphdef, tx=tx, cfg=cfg, grad_shardings=shardings.params)
-    return jax.jit(fn, in_shardings=(shardings.params, shardings.opt_state, batch_shardings(batch_keys, mesh)),
+    return jax.jit(fn, in_shardings=(shardings.params, shardings.opt_state, batch_shardings(batch_keys, mesh),
+                                     *_frozen(frozen_shardings)),
                    out_shardings=(shardings.params, shardings.opt_state, replicated(mesh)), donate_argnums=(0, 1))
 
 
 def jit_token_logprobs(graphdef: nnx.GraphDef, mesh: Mesh, params_shardings: Any, batch_keys: Iterable[str], *,
-                       cfg: GRPOConfig):
-    """`logps(params, batch) -> [R, T]` fp32, rows sharded like the batch (reference or pi_old pass)."""
+                       cfg: GRPOConfig, frozen_shardings: Any = None):
+    """`logps(params, batch[, base]) -> [R, T]` fp32, rows sharded like the batch (reference or pi_old pass)."""
     fn = functools.partial(token_logprobs, graphdef, cfg=cfg)
-    return jax.jit(fn, in_shardings=(params_shardings, batch_shardings(batch_keys, mesh)),
+    return jax.jit(fn, in_shardings=(params_shardings, batch_shardings(batch_keys, mesh), *_frozen(frozen_shardings)),
                    out_shardings=NamedSharding(mesh, P(shd.BATCH_AXES)))
 
 

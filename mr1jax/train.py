@@ -33,7 +33,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from mr1jax import distributed, sharding
+from mr1jax import distributed, lora, sharding
 from mr1jax import steps as st
 from mr1jax.build import build_model, build_rows, model_dtypes
 from mr1jax.checkpoint import Checkpointer, PreemptionGuard, WorkdirLock, WorkdirLockedError
@@ -294,14 +294,24 @@ def _train(c: ml_collections.ConfigDict, workdir: str, stages, devices) -> dict[
     for warning in check_mesh_fits(c, mesh):
         say(f"warning: {warning}")
     model, tokenizer = build_model(c, mesh)
-    graphdef, params = nnx.split(model)
+    try:
+        graphdef, params, frozen = lora.split_for_training(model, c, mesh)   # frozen: the LoRA base, or None
+    except ValueError as e:                                                  # lora.targets matches nothing
+        raise ConfigError(f"config.{e}") from None
+    lora_cfg = lora.LoRAConfig.from_config(c)
+    lora_merge = bool(lora_cfg.rank) and c.lora.sft_to_rl == "merge" and phase_steps(c)[0] > 0 and phase_steps(c)[1] > 0
     compute_dtype, _ = model_dtypes(c)
     sft_steps, rl_steps = phase_steps(c)
     total, kl_on = sft_steps + rl_steps, uses_kl(c) and rl_steps > 0
     sft_tx, rl_tx = make_optimizers(c)
     state = st.init_train_state(params, sft_tx or rl_tx, mesh, ref_dtype=compute_dtype,
                                 keep_ref=kl_on and not sft_steps, seed=c.seed)
-    fns = StepFunctions(graphdef, mesh, st.state_shardings(state, mesh), sft_tx=sft_tx, rl_tx=rl_tx)
+    if frozen is not None and state.ref_params is not None:   # LoRA reference: the base, adapters disabled
+        state = state.replace(ref_params=lora.disabled(state.ref_params))
+    fns = StepFunctions(graphdef, mesh, st.state_shardings(state, mesh), sft_tx=sft_tx, rl_tx=rl_tx, frozen=frozen)
+    if frozen is not None:
+        say(f"LoRA rank {lora_cfg.rank} on {len(lora.adapted(model))} linear layers ({c.lora.targets}): "
+            f"{lora.num_params(params):,} trainable of {lora.num_params(frozen):,} base parameters")
     say(f"model: {sum(x.size for x in jax.tree.leaves(params)):,} parameters ({c.model.param_dtype} master, "
         f"{c.model.dtype} compute, remat {c.model.remat}); reference model "
         f"{'kept (' + c.model.dtype + ')' if kl_on else 'skipped (beta = 0)'}")
@@ -331,11 +341,15 @@ def _train(c: ml_collections.ConfigDict, workdir: str, stages, devices) -> dict[
     elapsed = lambda: elapsed_before + time.perf_counter() - t_start  # noqa: E731
     if start:
         say(f"resumed from step {start} ({ckpt.directory})")
+    sft_adapters_dir = os.path.join(workdir, "sft_adapters")
+    if lora_merge and start >= sft_steps:           # RL on the merged SFT model: merge the saved SFT adapters again
+        sft_adapters = lora.adapters_from_peft(graphdef, state.params, fns.frozen, sft_adapters_dir)
+        _, fns.frozen = lora.fold_adapters(graphdef, sft_adapters, fns.frozen, seed=c.seed + 1)
     if primary:
         truncate_metrics(workdir, start)              # steps after the checkpoint are redone: drop their lines
         write_config(c, workdir)
     beta_of = beta_schedule(c)
-    policy = lambda: nnx.merge(graphdef, state.params)  # noqa: E731  (the model on the current parameters)
+    policy = lambda: fns.model(state.params)  # noqa: E731  (the model on the current parameters)
     evaluate_all = lambda stage: evaluate_tasks(policy(), tokenizer, eval_rows, c,  # noqa: E731
                                                 eval_max_new_tokens(c, stage), mesh)
 
@@ -395,7 +409,10 @@ def _train(c: ml_collections.ConfigDict, workdir: str, stages, devices) -> dict[
             if sample is not None and step == max(start, sft_steps) + 1:
                 say(f"sample completion: {sample!r}")
             if step == sft_steps and rl_steps:                # SFT -> RL: the SFT model becomes the reference
-                state = start_rl(state, fns, kl_on=kl_on, ref_dtype=compute_dtype)
+                if lora_merge:                                # kept to rebuild the merged base on resume
+                    lora.save_peft(policy(), sft_adapters_dir, lora_cfg)
+                state = start_rl(state, fns, kl_on=kl_on, ref_dtype=compute_dtype,
+                                 lora_merge_seed=c.seed + 1 if lora_merge else None)
                 say("SFT done; evaluating on the held-out splits before RL")
                 before_rl = evaluate_all(stages[0])
                 log_before_rl(writer, step, before_rl, say)
@@ -433,7 +450,10 @@ def _train(c: ml_collections.ConfigDict, workdir: str, stages, devices) -> dict[
     ckpt.close()
     writer.close()
     if c.export_hf and end == total:
-        export_hf(policy(), tokenizer, os.path.join(workdir, "hf"), compute_dtype)     # every process gathers
+        if lora_cfg.rank:                    # the adapters in PEFT format, and the merged model in hf/
+            lora.save_peft(policy(), os.path.join(workdir, "hf_adapter"), lora_cfg)
+            say(f"exported PEFT adapters {os.path.join(workdir, 'hf_adapter')}")
+        export_hf(lora.merge_lora(policy()), tokenizer, os.path.join(workdir, "hf"), compute_dtype)   # all gather
         say(f"exported Hugging Face directory {os.path.join(workdir, 'hf')}")
     rw.close_default_runner()
     counts = fns.compile_counts()

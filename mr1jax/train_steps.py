@@ -40,10 +40,21 @@ class StepFunctions:
     static configuration."""
 
     def __init__(self, graphdef: nnx.GraphDef, mesh: Mesh, shardings: st.TrainState, *,
-                 sft_tx: optax.GradientTransformation | None, rl_tx: optax.GradientTransformation):
+                 sft_tx: optax.GradientTransformation | None, rl_tx: optax.GradientTransformation,
+                 frozen: nnx.State | None = None):
         self.graphdef, self.mesh, self.shardings = graphdef, mesh, shardings
         self.sft_tx, self.rl_tx = sft_tx, rl_tx
+        # LoRA: the frozen base model (passed to every step, never donated); None for full fine-tuning
+        self.frozen = frozen
+        self.frozen_shardings = None if frozen is None else jax.tree.map(lambda x: x.sharding, frozen)
         self._jitted: dict[Any, Any] = {}
+
+    def _extra(self) -> tuple:
+        return () if self.frozen is None else (self.frozen,)
+
+    def model(self, params):
+        """The policy (or reference) model on `params` (and, with LoRA, the frozen base)."""
+        return nnx.merge(self.graphdef, params, *self._extra())
 
     def _get(self, key, build):
         if key not in self._jitted:
@@ -52,23 +63,25 @@ class StepFunctions:
 
     def sft(self, params, opt_state, batch, cfg: SFTConfig):
         fn = self._get(("sft", cfg, tuple(sorted(batch))), lambda: st.jit_sft_update(
-            self.graphdef, self.mesh, self.shardings, batch, tx=self.sft_tx, cfg=cfg))
+            self.graphdef, self.mesh, self.shardings, batch, tx=self.sft_tx, cfg=cfg,
+            frozen_shardings=self.frozen_shardings))
         with jax.set_mesh(self.mesh):          # traced under the mesh: activations pinned to the batch axes
-            return fn(params, opt_state, batch)
+            return fn(params, opt_state, batch, *self._extra())
 
     def grpo(self, params, opt_state, batch, beta, cfg: GRPOConfig):
         fn = self._get(("grpo", cfg, tuple(sorted(batch))), lambda: st.jit_grpo_update(
-            self.graphdef, self.mesh, self.shardings, batch, tx=self.rl_tx, cfg=cfg))
+            self.graphdef, self.mesh, self.shardings, batch, tx=self.rl_tx, cfg=cfg,
+            frozen_shardings=self.frozen_shardings))
         with jax.set_mesh(self.mesh):
-            return fn(params, opt_state, batch, np.float32(beta))
+            return fn(params, opt_state, batch, np.float32(beta), *self._extra())
 
     def logprobs(self, params, batch, cfg: GRPOConfig, which: str):
         """which: "ref" (the reference copy, compute dtype) or "old" (the current fp32 params)."""
         sh = self.shardings.params
         fn = self._get((which, cfg, tuple(sorted(batch))), lambda: st.jit_token_logprobs(
-            self.graphdef, self.mesh, sh, batch, cfg=cfg))
+            self.graphdef, self.mesh, sh, batch, cfg=cfg, frozen_shardings=self.frozen_shardings))
         with jax.set_mesh(self.mesh):
-            return fn(params, batch)
+            return fn(params, batch, *self._extra())
 
     def advantages(self, rewards, num_samples: int, scale: str):
         """Group advantages [R] from the global rewards [R], on device (`mr1jax.steps.jit_advantages`)."""
@@ -135,7 +148,7 @@ def rl_step(state: st.TrainState, fns: StepFunctions, tokenizer, prompts, stage:
     """
     t0 = time.perf_counter()
     rng, sample_rng = jax.random.split(jax.random.wrap_key_data(state.rng))
-    policy = nnx.merge(fns.graphdef, state.params)
+    policy = fns.model(state.params)
     host, info = rollout_batch(policy, tokenizer, prompts, stage, c, sample_rng, fns.mesh)
     t1 = time.perf_counter()
     batch = st.put_batch(host, fns.mesh)
@@ -167,9 +180,22 @@ def rl_step(state: st.TrainState, fns: StepFunctions, tokenizer, prompts, stage:
     return state, metrics
 
 
-def start_rl(state: st.TrainState, fns: StepFunctions, *, kl_on: bool, ref_dtype) -> st.TrainState:
+def start_rl(state: st.TrainState, fns: StepFunctions, *, kl_on: bool, ref_dtype, lora_merge_seed: int | None = None
+             ) -> st.TrainState:
     """The SFT -> RL boundary: the SFT model becomes the frozen reference (in `ref_dtype`), and RL starts with
-    fresh optimizer state."""
-    opt_state = jax.jit(fns.rl_tx.init, out_shardings=fns.shardings.opt_state)(state.params)
-    ref = st.make_reference(state.params, fns.mesh, ref_dtype) if kl_on else None
-    return state.replace(opt_state=opt_state, ref_params=ref)
+    fresh optimizer state.
+
+    With LoRA (`fns.frozen` set) the SFT adapters either stay the policy's and a copy becomes the reference
+    adapters (``lora.sft_to_rl = "keep"``), or (`lora_merge_seed` given, ``"merge"``) are folded into the base,
+    which becomes the reference (adapters disabled), and RL trains fresh adapters drawn from that seed."""
+    params, ref = state.params, None
+    if fns.frozen is not None and lora_merge_seed is not None:
+        from mr1jax import lora
+
+        params, fns.frozen = lora.fold_adapters(fns.graphdef, params, fns.frozen, seed=lora_merge_seed)
+        if kl_on:
+            ref = lora.disabled(st.cast_floating(params, ref_dtype))
+    elif kl_on:
+        ref = st.make_reference(params, fns.mesh, ref_dtype)
+    opt_state = jax.jit(fns.rl_tx.init, out_shardings=fns.shardings.opt_state)(params)
+    return state.replace(params=params, opt_state=opt_state, ref_params=ref)

@@ -8,6 +8,7 @@ Default mode (CPU; minutes: see BUILD.md for a measured run)::
                                   [--logit_chunk 128] [--remat none] [--repeats 3] [--sft_rows 2] [--sft_len 192]
                                   [--compare_memory [--rows 4] [--completion_len 512] [--compare_iters 3]]
     python scripts/bench_train.py --quick          # smoke test: tiny sizes, every part (~4 minutes)
+    python scripts/bench_train.py --lora_rank 16   # part 5 only: LoRA vs full fine-tuning of the GRPO update
 
 builds the benchmarks' ~116M-parameter Qwen2-VL (`mr1jax.testing.bench.bench_config`: real vocabulary 151936,
 tied embeddings, text hidden 512 x 4 layers, vision width 512 x 4 blocks) as a randomised
@@ -762,6 +763,74 @@ def compare_memory(model: Qwen2VL, args, n_cores: int) -> None:
         print(line)
 
 
+# ------------------------------------------------------------------------------------------ part 5: LoRA
+def compare_lora(model: Qwen2VL, args, n_cores: int) -> None:
+    """Part 5 (``--lora_rank R``): the GRPO update with LoRA adapters of rank R on ``--lora_targets`` (only the
+    adapters trained, the frozen base an argument) against full fine-tuning, same batch, same jitted
+    `jit_grpo_update`: per-device memory_analysis and median warm time in rounds over the two."""
+    from mr1jax import lora
+
+    cfg = model.config
+    g, bucket, t_new, n_prompts = args.num_samples, args.prompt_bucket, args.max_new_tokens, args.prompts
+    mesh = shd.make_mesh({"data": 1, "fsdp": -1, "tensor": 1})
+    prompts = build_prompts(cfg, n_prompts, bucket, args.image_size, seed=1)
+    batch = st.put_batch(synthetic_rollout(cfg, prompts, g, t_new), mesh)
+    tx = make_optimizer(LR, get_config())
+    beta = jax.device_put(jnp.float32(BETA), st.replicated(mesh))
+    gcfg = GRPOConfig(num_samples=g, prompt_len=bucket, patch_segments=n_prompts // args.micro_batches,
+                      logit_chunk=args.logit_chunk, micro_batches=args.micro_batches)
+    graphdef, state = nnx.split(model)
+    compute_dtype = model.dtype
+    variants = []                             # (label, trainable params, state bytes, compiled, holder, extra)
+    # full fine-tuning: fp32 (param-dtype) master weights + Adam, reference = the model's own log-probs
+    full = new_state(model, tx, mesh, keep_ref=False)
+    sh = st.state_shardings(full, mesh)
+    ref = st.jit_token_logprobs(graphdef, mesh, sh.params, batch, cfg=gcfg)(full.params, batch)
+    batch = dict(batch, ref_logps=ref)
+    jitted = st.jit_grpo_update(graphdef, mesh, sh, batch, tx=tx, cfg=gcfg)
+    nbytes = lambda t: sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(t))  # noqa: E731
+    variants.append(("full fine-tuning", lora.num_params(full.params), nbytes((full.params, full.opt_state)),
+                     jitted.lower(full.params, full.opt_state, batch, beta).compile(),
+                     {"p": full.params, "s": full.opt_state}, ()))
+    # LoRA: a copy of the model with adapters; the frozen base in the compute dtype
+    lmodel = nnx.merge(graphdef, jax.tree.map(jnp.copy, state))
+    lcfg = lora.LoRAConfig(rank=args.lora_rank, alpha=2.0 * args.lora_rank, targets=args.lora_targets)
+    lora.apply_lora(lmodel, lcfg, seed=0, dtype=jnp.float32)
+    lgraphdef, adapters, base = nnx.split(lmodel, lora.LoRAParam, ...)
+    base = st.cast_floating(base, compute_dtype)
+    base = jax.device_put(base, shd.param_shardings(base, mesh))
+    lstate = st.init_train_state(adapters, tx, mesh, keep_ref=False, seed=0)
+    lsh = st.state_shardings(lstate, mesh)
+    fsh = shd.param_shardings(base, mesh)
+    ljitted = st.jit_grpo_update(lgraphdef, mesh, lsh, batch, tx=tx, cfg=gcfg, frozen_shardings=fsh)
+    variants.append((f"LoRA r={args.lora_rank} ({args.lora_targets})", lora.num_params(adapters),
+                     nbytes((lstate.params, lstate.opt_state)),
+                     ljitted.lower(lstate.params, lstate.opt_state, batch, beta, base).compile(),
+                     {"p": lstate.params, "s": lstate.opt_state}, (base,)))
+    print(f"LoRA vs full fine-tuning, GRPO update: {n_prompts} prompt(s) x G={g} rows of {bucket} + {t_new} tokens, "
+          f"one {args.image_size}px image per prompt, KL on, {args.micro_batches} micro-batch(es), logit_chunk "
+          f"{args.logit_chunk}, remat {model.remat}, compute {jnp.dtype(compute_dtype).name}")
+    times: list[list[float]] = [[] for _ in variants]
+    for _ in range(args.repeats + 1):
+        settle(args, n_cores)
+        for i, (_, _, _, compiled, holder, extra) in enumerate(variants):
+            def call(compiled=compiled, holder=holder, extra=extra):
+                holder["p"], holder["s"], met = compiled(holder["p"], holder["s"], batch, beta, *extra)
+                return jax.block_until_ready(met)
+
+            times[i] += timed(call, 1)
+    gb = 1e9
+    print(f"{'variant':<34} {'trainable':>12} {'params+Adam GB':>15} {'median s':>9} {'min s':>7} {'args GB':>8} "
+          f"{'temp GB':>8} {'total GB':>9}")
+    for (label, n, state_b, compiled, _, _), t in zip(variants, times):
+        warm = t[1:] or t
+        mem = memory_bytes(compiled) or {}
+        print(f"{label:<34} {n:>12,} {state_b / gb:>15.3f} {statistics.median(warm):>9.3f} {min(warm):>7.3f} "
+              f"{mem.get('args', 0) / gb:>8.3f} {mem.get('temp', 0) / gb:>8.3f} {mem.get('total', 0) / gb:>9.3f}")
+    print(f"median / min of {args.repeats} warm call(s) after one warm-up, in rounds over the variants; args include "
+          "the frozen base for LoRA; total = args + out - alias + temp (per-device memory_analysis)")
+
+
 # ------------------------------------------------------------------------------------------ part 4: SFT
 def build_sft_rows(cfg: Qwen2VLConfig, n_rows: int, seq_len: int, grid, ragged: bool):
     t, h, w = grid
@@ -935,6 +1004,10 @@ def run_cpu(args) -> None:
     print(f"built the torch model and loaded the same weights into mr1jax (fp32) in {time.perf_counter() - t0:.1f}s: "
           f"{total_p:,} parameters (text {text_p:,} incl. tied embedding {cfg.text.vocab_size * cfg.text.hidden_size:,};"
           f" vision {vision_p:,})")
+    if args.lora_rank:
+        print()
+        compare_lora(model, args, n_cores)
+        return
     if not args.skip_grpo:
         print()
         run_grpo(model, args, n_cores=n_cores, peak_fn=lambda: matmul_peak(2048, jnp.float32, iters=10),
@@ -965,6 +1038,10 @@ def run_gpu_2b(args, cfg: Qwen2VLConfig | None = None) -> None:
           f"vision {vision_p:,})")
     measured = measure_matmul(8192 if dev.platform != "cpu" else 1024, jnp.bfloat16)
     n_cores = os.cpu_count() or 1
+    if args.lora_rank:
+        print()
+        compare_lora(model, args, n_cores)
+        return
     if not args.skip_grpo:
         print()
         run_grpo(model, args, peak=args.peak_tflops * 1e12, peak_label="--peak_tflops (dense bf16)", n_cores=n_cores,
@@ -1022,6 +1099,9 @@ def parse_args(argv=None):
     p.add_argument("--quick", action="store_true", help="smoke test: tiny sizes for every part (overrides the sizes; "
                    "implies --compare_memory)")
     p.add_argument("--gpu_2b", action="store_true", help="2B-shaped model in bf16 on an accelerator (parts 1-3)")
+    p.add_argument("--lora_rank", type=int, default=0, help="part 5 only: the GRPO update with LoRA adapters of this "
+                   "rank vs full fine-tuning (time, memory); 0 = off")
+    p.add_argument("--lora_targets", default="language", help="part 5: lora.targets (preset or regex)")
     p.add_argument("--peak_tflops", type=float, default=989.0, help="device peak for --gpu_2b MFU (H100 dense bf16)")
     args = p.parse_args(argv)
     if args.quick:

@@ -46,6 +46,9 @@ def config(mesh):
     c.rl.micro_batches = 2
     c.model.logit_chunk = 4
     c.checkpoint.async_save = False
+    if os.environ.get("SHARDED_CHECK_LORA_RANK"):       # the same run with LoRA adapters (merged at SFT -> RL)
+        c.lora.rank, c.lora.alpha = int(os.environ["SHARDED_CHECK_LORA_RANK"]), 16.0
+        c.lora.targets = "language+vision"
     if mesh:
         c.mesh.update(mesh)
     return c

@@ -182,3 +182,20 @@ def test_plan_gpu_topology(tmp_path):
     assert res["memory"]["temp"] > 0 and res["xla_flops_per_device"] is None
     assert res["fits"]["H100"]["source"] == "compiler"
     _check_verdicts(plan, proc.stdout)
+
+
+@pytest.mark.slow
+def test_plan_lora_qlora_on_a_mesh(tmp_path):
+    """LoRA + NF4 base on 4 fake devices (fsdp 4): adapters sharded by their logical axes, the base an argument
+    of every step, only adapters (+ Adam) as the train state."""
+    out = tmp_path / "plan.json"
+    proc = _run_plan(["--devices=4", "--steps=grpo_update,token_logprobs,rollout", f"--json={out}", *SMALL,
+                      "--config.lora.rank=4", "--config.lora.base_quant=nf4", "--config.rl.beta_schedule=constant"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    plan = json.loads(out.read_text())
+    assert plan["lora"]["rank"] == 4 and 0 < plan["lora"]["trainable_params"] < 50_000
+    assert "nf4" in plan["model"]["param_dtype"] and "LoRA    rank 4" in proc.stdout
+    steps = {r["step"]: r for r in plan["stages"][0]["results"]}
+    assert set(steps) == {"grpo_update", "token_logprobs", "rollout"}
+    for r in steps.values():
+        assert r["memory"]["argument"] > plan["lora"]["frozen_base_bytes_per_device"]   # the base is an argument

@@ -17,8 +17,10 @@ ROOT = Path(__file__).resolve().parents[1]
 LR = 1e-3  # the check's SFT and RL learning rate
 
 
-def _run(*meshes: str, platforms: str = "cpu") -> tuple[list[dict], dict]:
+def _run(*meshes: str, platforms: str = "cpu", lora_rank: int = 0) -> tuple[list[dict], dict]:
     env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS=platforms, ALLOW_MULTIPLE_LIBTPU_LOAD="1")
+    if lora_rank:
+        env["SHARDED_CHECK_LORA_RANK"] = str(lora_rank)
     proc = subprocess.run([sys.executable, str(ROOT / "tests" / "sharded_train_check.py"), *meshes], env=env,
                           capture_output=True, text=True, timeout=1200, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -66,3 +68,11 @@ def test_fsdp_update_reduce_scatters_gradients_on_tpu():
     pytest.importorskip("libtpu")
     _, collectives = _run("tpu", platforms="")
     assert collectives["reduce-scatter"] > 0 and collectives["all-gather"] > 0, collectives
+
+
+@pytest.mark.slow
+def test_lora_training_on_a_mesh_equals_one_device():
+    """LoRA (adapters on the language model and vision tower, SFT adapters merged before RL) on data 2 x fsdp 4:
+    adapters sharded by their logical axes give the 1-device run."""
+    results, _ = _run("data2_fsdp4", lora_rank=4)
+    _check(results)

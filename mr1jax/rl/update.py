@@ -6,7 +6,9 @@
 
 `params` is the model's `nnx.State` (fp32 master weights in training; the model's compute dtype, e.g. bf16,
 is applied inside each layer), `graphdef` its structure (`nnx.split(model)`); `beta` is a traced scalar (a KL
-schedule never recompiles the step). Explicitly sharded, donating jit wrappers live in `mr1jax.steps`.
+schedule never recompiles the step). With LoRA (`mr1jax.lora`), `params` are the adapters only and the frozen
+base model is the extra `frozen` argument (``graphdef, params, frozen = nnx.split(model, LoRAParam, ...)``):
+gradients, the optimizer and donation see only the adapters. Explicitly sharded, donating jit wrappers live in `mr1jax.steps`.
 
 **Memory bounds.** Rows are grouped: the G completions of prompt p are rows p*G .. p*G+G-1 and share its
 image; the vision tower runs once per prompt and its features are repeated G times. Every pass is split into
@@ -152,16 +154,22 @@ def _num_prompts(batch: dict[str, jax.Array], num_samples: int) -> int:
     return batch["input_ids"].shape[0] // num_samples
 
 
-def token_logprobs(graphdef: nnx.GraphDef, params: nnx.State, batch: dict[str, jax.Array], *,
-                   cfg: GRPOConfig) -> jax.Array:
+def _merge(graphdef: nnx.GraphDef, params: nnx.State, frozen: nnx.State | None):
+    """The model on `params` (and the frozen base `frozen`, with LoRA)."""
+    return nnx.merge(graphdef, params) if frozen is None else nnx.merge(graphdef, params, frozen)
+
+
+def token_logprobs(graphdef: nnx.GraphDef, params: nnx.State, batch: dict[str, jax.Array],
+                   frozen: nnx.State | None = None, *, cfg: GRPOConfig) -> jax.Array:
     """Forward-only completion log-probs [R, T] (fp32) of a rollout batch, `cfg.micro_batches` groups of prompts
     at a time: the reference model's log-probs, or pi_old before the first of several updates.
 
     batch keys: input_ids, attention_mask [R, L+T]; position_ids [3, R, L+T]; pixel_values, patch_pos (or
-    absent). `params` may be in any dtype (e.g. a bf16 reference copy).
+    absent). `params` may be in any dtype (e.g. a bf16 reference copy). With LoRA, `params` are adapters and
+    `frozen` the base (the reference with adapters disabled: adapters of zeros, `lora.disabled`).
     """
     m, prompts = cfg.micro_batches, _num_prompts(batch, cfg.num_samples)
-    model = nnx.merge(graphdef, params)
+    model = _merge(graphdef, params, frozen)
     parts = split_batch(batch, m, prompts)
 
     def one(mb):
@@ -210,7 +218,7 @@ def _constrain(tree, shardings):
 
 
 def grpo_update(graphdef: nnx.GraphDef, params: nnx.State, opt_state: Any, batch: dict[str, jax.Array],
-                beta: jax.Array, *, tx: optax.GradientTransformation, cfg: GRPOConfig, grad_shardings: Any = None
+                beta: jax.Array, frozen: nnx.State | None = None, *, tx: optax.GradientTransformation, cfg: GRPOConfig, grad_shardings: Any = None
                 ) -> tuple[nnx.State, Any, dict[str, jax.Array]]:
     """One optimizer step on a rollout (mini-)batch. Jit with `graphdef`, `tx` and `cfg` static.
 
@@ -229,7 +237,7 @@ def grpo_update(graphdef: nnx.GraphDef, params: nnx.State, opt_state: Any, batch
     parts = split_batch(batch, m, _num_prompts(batch, cfg.num_samples))
 
     def micro_loss(p, mb):
-        model = nnx.merge(graphdef, p)
+        model = _merge(graphdef, p, frozen)
         logps = completion_logprobs(
             model, mb["input_ids"], mb["attention_mask"], mb["position_ids"], mb["pixel_values"],
             mb["patch_pos"], prompt_len=cfg.prompt_len, num_samples=cfg.num_samples,
@@ -273,7 +281,8 @@ def sft_loss_terms(model: Qwen2VL, input_ids: jax.Array, attention_mask: jax.Arr
     return -(logps * target).sum(), target.sum()
 
 
-def sft_update(graphdef: nnx.GraphDef, params: nnx.State, opt_state: Any, batch: dict[str, jax.Array], *,
+def sft_update(graphdef: nnx.GraphDef, params: nnx.State, opt_state: Any, batch: dict[str, jax.Array],
+               frozen: nnx.State | None = None, *,
                tx: optax.GradientTransformation, cfg: SFTConfig = SFTConfig(), grad_shardings: Any = None
                ) -> tuple[nnx.State, Any, dict[str, jax.Array]]:
     """One supervised (cold-start) optimizer step: mean cross-entropy over assistant tokens.
@@ -286,7 +295,7 @@ def sft_update(graphdef: nnx.GraphDef, params: nnx.State, opt_state: Any, batch:
     parts = split_batch(batch, m, batch["input_ids"].shape[0])
 
     def micro_loss(p, mb):
-        s, n = sft_loss_terms(nnx.merge(graphdef, p), mb["input_ids"], mb["attention_mask"], mb["position_ids"],
+        s, n = sft_loss_terms(_merge(graphdef, p, frozen), mb["input_ids"], mb["attention_mask"], mb["position_ids"],
                               mb["loss_mask"], mb["pixel_values"], mb["patch_pos"], cfg.patch_segments,
                               cfg.logit_chunk)
         return s / jnp.maximum(total, 1), {"loss_sum": jax.lax.stop_gradient(s), "tokens": n}

@@ -19,7 +19,26 @@ def _init(rngs: nnx.Rngs, shape: tuple[int, ...], dtype, std: float = 0.02) -> j
 
 
 class Dense(nnx.Module):
-    """y = x @ kernel (+ bias). kernel [in, out] with logical axes `axes`; bias [out]."""
+    """y = x @ kernel (+ bias). kernel [in, out] with logical axes `axes`; bias [out].
+
+    Low-rank adapters (`mr1jax.lora.apply_lora`) set ``lora_a`` [in, r] and ``lora_b`` [r, out] (`LoRAParam`
+    variables, stacked like the kernel in scanned layers) and ``lora_scale`` (alpha / r): the output then gains
+    ``lora_scale * (x @ lora_a) @ lora_b``. Without adapters (the class defaults below) nothing changes.
+    """
+
+    lora_a = None
+    lora_b = None
+    lora_scale = 1.0
+    # a quantised frozen base (`mr1jax.lora.quantize_base`): kernel holds int8 values or packed NF4 codes,
+    # kernel_scale their scales, quant the format ("int8" / "nf4"); dequantised to the compute dtype per call
+    kernel_scale = None
+    quant = None
+
+    def weight(self) -> jax.Array:
+        """The kernel [..., in, out] in the compute dtype (dequantised when the base is quantised)."""
+        if self.quant is None:
+            return self.kernel[...].astype(self.dtype)
+        return dequantize(self.kernel[...], self.kernel_scale[...], self.quant, self.dtype)
 
     def __init__(self, in_features: int, out_features: int, *, axes: tuple[str | None, str | None],
                  use_bias: bool, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32):
@@ -30,10 +49,67 @@ class Dense(nnx.Module):
 
     def __call__(self, x: jax.Array, out_dtype=None) -> jax.Array:
         """x [..., in] -> [..., out] in the compute dtype, or accumulated and returned in `out_dtype`."""
-        y = jnp.dot(x.astype(self.dtype), self.kernel[...].astype(self.dtype), preferred_element_type=out_dtype)
+        x = x.astype(self.dtype)
+        y = jnp.dot(x, self.weight(), preferred_element_type=out_dtype)
         if self.bias is not None:
             y = y + self.bias[...].astype(y.dtype)
+        if self.lora_a is not None:
+            h = jnp.dot(x, self.lora_a[...].astype(self.dtype))
+            d = jnp.dot(h, self.lora_b[...].astype(self.dtype), preferred_element_type=out_dtype)
+            y = y + (self.lora_scale * d).astype(y.dtype)
         return y
+
+
+# NF4 code book (QLoRA's 4-bit NormalFloat: quantiles of N(0, 1) scaled to [-1, 1], with an exact 0).
+NF4_VALUES = (-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
+              -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
+              0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
+              0.7229568362236023, 1.0)
+NF4_BLOCK = 64
+
+
+def nf4_block(n_in: int) -> int:
+    """Values per NF4 scale along the input axis: 64, or the whole axis when 64 does not divide it."""
+    return NF4_BLOCK if n_in % NF4_BLOCK == 0 else n_in
+
+
+def quantize(w: jax.Array, fmt: str) -> tuple[jax.Array, jax.Array]:
+    """(codes, scales) of a kernel [..., in, out].
+
+    int8: symmetric per output channel, scales [..., 1, out] = max |w| / 127 over the input axis.
+    nf4:  per block of `nf4_block(in)` inputs and output channel, scales [..., in / block, out] = block absmax;
+          codes = nearest NF4 value index, two per byte along the input axis ([..., in / 2, out] uint8).
+    """
+    w = w.astype(jnp.float32)
+    if fmt == "int8":
+        scale = jnp.maximum(jnp.max(jnp.abs(w), axis=-2, keepdims=True), 1e-12) / 127.0
+        return jnp.clip(jnp.round(w / scale), -127, 127).astype(jnp.int8), scale
+    if fmt == "nf4":
+        *lead, n_in, n_out = w.shape
+        if n_in % 2:
+            raise ValueError(f"nf4 needs an even input dimension, got {n_in}")
+        block = nf4_block(n_in)
+        blocks = w.reshape(*lead, n_in // block, block, n_out)
+        scale = jnp.maximum(jnp.max(jnp.abs(blocks), axis=-2), 1e-12)                   # [..., nb, out]
+        normed = (blocks / scale[..., None, :]).reshape(w.shape)
+        codes = jnp.argmin(jnp.abs(normed[..., None] - jnp.asarray(NF4_VALUES)), axis=-1).astype(jnp.uint8)
+        packed = (codes[..., 0::2, :] << 4) | codes[..., 1::2, :]
+        return packed, scale
+    raise ValueError(f"unknown quantisation {fmt!r}; allowed: int8, nf4")
+
+
+def dequantize(codes: jax.Array, scale: jax.Array, fmt: str, dtype) -> jax.Array:
+    """The kernel [..., in, out] in `dtype` from `quantize`'s (codes, scales)."""
+    if fmt == "int8":
+        return codes.astype(dtype) * scale.astype(dtype)
+    hi, lo = codes >> 4, codes & 15
+    idx = jnp.stack([hi, lo], axis=-2)                                                  # [..., in/2, 2, out]
+    *lead, half, _, n_out = idx.shape
+    n_in = 2 * half
+    values = jnp.asarray(NF4_VALUES, dtype)[idx.reshape(*lead, n_in, n_out).astype(jnp.int32)]
+    block = nf4_block(n_in)
+    values = values.reshape(*lead, n_in // block, block, n_out) * scale.astype(dtype)[..., None, :]
+    return values.reshape(*lead, n_in, n_out)
 
 
 class Embed(nnx.Module):
