@@ -34,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from mr1jax import distributed
 from mr1jax import sharding as shd
 from mr1jax.models.qwen2_vl.layers import Dense
 
@@ -290,7 +291,7 @@ def peft_tensors(model: nnx.Module, hf_key: Callable | None = None, dtype=None) 
     names = peft_module_names(model, hf_key)
     out = {}
     for path, dense in adapted(model):
-        a, b = np.asarray(jax.device_get(dense.lora_a[...])), np.asarray(jax.device_get(dense.lora_b[...]))
+        a, b = distributed.fetch(dense.lora_a[...]), distributed.fetch(dense.lora_b[...])   # all processes gather
         if a.ndim == 2:
             a, b = a[None], b[None]
         for i, mod in enumerate(names[path]):
@@ -311,12 +312,16 @@ def _target_pattern(module_names: list[str]) -> str:
 def save_peft(model: nnx.Module, path: str | os.PathLike, cfg: LoRAConfig, *, base_model: str = "",
               hf_key: Callable | None = None, dtype=None) -> str:
     """Write the adapters of `model` as a PEFT LoRA directory (`adapter_config.json`, `adapter_model.safetensors`)
-    that ``peft.PeftModel.from_pretrained(Qwen2VLForConditionalGeneration, path)`` loads. Returns the path."""
+    that ``peft.PeftModel.from_pretrained(Qwen2VLForConditionalGeneration, path)`` loads. Returns the path. With
+    several processes every process calls it (the adapters are gathered) and process 0 writes."""
     from mr1jax.models.qwen2_vl.hf import write_safetensors
 
     path = os.fspath(path)
+    tensors = peft_tensors(model, hf_key, dtype)          # a collective with several processes: all call it
+    if not distributed.is_primary():                      # process 0 writes; the others wait until it has
+        distributed.sync(f"mr1jax_save_peft_{path}")
+        return path
     os.makedirs(path, exist_ok=True)
-    tensors = peft_tensors(model, hf_key, dtype)
     modules = [n for names in peft_module_names(model, hf_key).values() for n in names]
     write_safetensors(os.path.join(path, ADAPTER_WEIGHTS), tensors)
     config = {
@@ -329,6 +334,7 @@ def save_peft(model: nnx.Module, path: str | os.PathLike, cfg: LoRAConfig, *, ba
     }
     with open(os.path.join(path, ADAPTER_CONFIG), "w") as f:
         json.dump(config, f, indent=2)
+    distributed.sync(f"mr1jax_save_peft_{path}")
     return path
 
 

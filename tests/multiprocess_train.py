@@ -7,7 +7,8 @@ Each process gets `--devices` fake CPU devices; the processes join through `conf
 collectives). The run is the tiny default shortened to a few SFT + GRPO steps, with a deterministic stand-in
 reward (a random model never earns the real one, and zero advantages would test nothing). `--slow_reward_on=i`
 makes process i's reward time out on some rows. `--max_steps=N` stops after N steps (a later run resumes);
-`--sleep_per_step=s` slows each step (for signal tests). Prints `RESULT <json>` at the end.
+`--sleep_per_step=s` slows each step (for signal tests); `--family=qwen2_5_vl`, `--lora_rank=r` train the
+other model family / LoRA adapters. Prints `RESULT <json>` at the end.
 """
 
 import argparse
@@ -24,6 +25,8 @@ parser.add_argument("--devices", type=int, default=4)
 parser.add_argument("--max_steps", type=int, default=-1)
 parser.add_argument("--slow_reward_on", type=int, default=-1)
 parser.add_argument("--sleep_per_step", type=float, default=0.0)
+parser.add_argument("--family", default="qwen2_vl")
+parser.add_argument("--lora_rank", type=int, default=0)
 args = parser.parse_args()
 os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={args.devices}"
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -75,6 +78,9 @@ def config():
     c.rl.micro_batches = 2
     c.model.logit_chunk = 4
     c.checkpoint.every_steps = 1
+    c.model.family = args.family
+    if args.lora_rank:
+        c.lora.rank, c.lora.alpha = args.lora_rank, 2.0 * args.lora_rank
     if args.processes > 1:
         c.distributed.coordinator = f"localhost:{args.port}"
         c.distributed.num_processes, c.distributed.process_id = args.processes, args.process_id

@@ -226,3 +226,20 @@ def test_reward_timeouts_on_one_process_keep_the_processes_consistent(two_proces
     assert rl[0]["accuracy"] <= rl_base[0]["accuracy"]      # the same first rollouts, process 1's rows zeroed
     assert all(np.isfinite(r["loss"]) and np.isfinite(r["grad_norm"]) for r in rl)
     assert [r["compile_counts"] for r in _results(outputs)][0] == [r["compile_counts"] for r in _results(outputs)][1]
+
+
+@pytest.mark.slow
+def test_qwen25vl_with_lora_on_two_processes_equals_one_process(tmp_path):
+    """The other model family (windowed vision tower) with LoRA adapters: the same equality, and the PEFT adapters
+    written once, by process 0, from the gathered adapters."""
+    two, one = str(tmp_path / "two"), str(tmp_path / "one")
+    outputs = _run(two, family="qwen2_5_vl", lora_rank=4)
+    for r in _results(outputs):
+        assert set(r["compile_counts"].values()) == {1}, r
+    _run(one, processes=1, family="qwen2_5_vl", lora_rank=4)
+    _assert_same_run(one, two, exact=False)
+    a = load_file(os.path.join(one, "hf_adapter", "adapter_model.safetensors"))
+    b = load_file(os.path.join(two, "hf_adapter", "adapter_model.safetensors"))
+    assert a.keys() == b.keys() and a
+    for k in a:
+        np.testing.assert_allclose(b[k], a[k], atol=0.5 * LR, rtol=0, err_msg=k)
