@@ -56,6 +56,7 @@ def test_batch_holds_every_image_in_order(setup):
     prepare_inputs(cfg, ids, prompts.attention_mask, prompts.image_grid_thw)   # features match tokens
 
 
+@pytest.mark.slow
 def test_two_image_grpo_step(setup):
     """Sampler log-probs (vision tower once per prompt) equal the trainer's teacher-forced ones; one update."""
     tok, model, prompts = setup

@@ -16,7 +16,7 @@ from mr1jax import sharding as shd
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl"])
+@pytest.mark.parametrize("family", ["qwen2_vl", pytest.param("qwen2_5_vl", marks=pytest.mark.slow)])
 def test_sharded_forward_and_rollouts_equal_single_device(family):
     env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu")
     proc = subprocess.run([sys.executable, str(ROOT / "tests" / "sharded_forward_check.py"), family], env=env,
