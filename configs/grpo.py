@@ -1,5 +1,5 @@
 """The embedded default: cold-start SFT, then GRPO with OThink-MR1's dynamic KL, on a tiny Qwen2-VL that
-learns to count objects in synthetic images (runs on a CPU, no downloads; about 7 minutes on 2 cores).
+learns to count objects in synthetic images (runs on a CPU, no downloads; about 8 minutes on 2 cores).
 
     python -m mr1jax.train --config=configs/grpo.py --workdir=/tmp/mr1jax_grpo
     python -m mr1jax.train --config=configs/grpo.py --config.max_steps=3 --workdir=...   # stop early; rerun resumes
