@@ -54,10 +54,14 @@ class NonFiniteStateError(RuntimeError):
     """The state to save holds NaN or inf values (it is never written)."""
 
 
+def is_url(path: str | os.PathLike) -> bool:
+    """A work dir on an object store or other `etils.epath` file system (``gs://...``), not a local path."""
+    return "://" in os.fspath(path)
+
+
 def _absolute(path: str | os.PathLike) -> str:
     """`path` made absolute when it is local; URLs (``gs://bucket/run``, any `etils.epath` file system) as given."""
-    text = os.fspath(path)
-    return text if "://" in text else os.path.abspath(text)
+    return os.fspath(path) if is_url(path) else os.path.abspath(os.fspath(path))
 
 
 def _key_name(key: Any) -> str:
@@ -340,7 +344,7 @@ class WorkdirLock:
         self._fd: int | None = None
 
     def acquire(self) -> "WorkdirLock":
-        if "://" in self.path:           # object stores have no locks: the scheduler must run one job per dir
+        if is_url(self.path):            # object stores have no locks: the scheduler must run one job per dir
             return self
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:

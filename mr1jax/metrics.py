@@ -10,12 +10,9 @@ from typing import Any
 import numpy as np
 from etils import epath
 
+from mr1jax.checkpoint import is_url
+
 from mr1jax.config import main_task_name, phase_steps
-
-
-def is_url(path: str | os.PathLike) -> bool:
-    """A work dir on an object store or other `etils.epath` file system (``gs://...``), not a local path."""
-    return "://" in os.fspath(path)
 
 
 def recent_step_time(times: list[float]) -> float:

@@ -36,7 +36,7 @@ import numpy as np
 from flax import nnx
 
 from mr1jax.models.qwen2_vl.model import Qwen2VL, attention_mask_4d, init_cache, prepare_inputs
-from mr1jax.sharding import shard_batch
+from mr1jax.sharding import local_batch_devices, shard_batch
 
 _TRACE_COUNT = [0]
 
@@ -307,7 +307,7 @@ def _image_placer(mesh, uniform: int | None, put):
     """How the sampler places pixel values / patch positions: split over the batch devices with their prompts when
     every image has one size and the split is even (necessary with several processes, which hold different
     images), else whole on every device (per-image segment ids index the whole batch)."""
-    n = 1 if mesh is None else max(1, mesh.shape["data"] * mesh.shape["fsdp"] // jax.process_count())
+    n = 1 if mesh is None else local_batch_devices(mesh)
 
     def place(a):
         split = mesh is not None and uniform is not None and uniform % n == 0

@@ -17,6 +17,8 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from mr1jax import distributed
+
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
 
@@ -133,6 +135,11 @@ def constrain_batch(x: jax.Array, batch_dim: int = 0) -> jax.Array:
     return jax.lax.with_sharding_constraint(x, P(*spec))
 
 
+def local_batch_devices(mesh: Mesh) -> int:
+    """How many of the mesh's (data, fsdp) batch positions this process's rows fill: data x fsdp / processes."""
+    return max(1, mesh.shape["data"] * mesh.shape["fsdp"] // jax.process_count())
+
+
 def batch_sharding(mesh: Mesh, ndim: int, batch_dim: int = 0) -> NamedSharding:
     """Sharding that splits dimension `batch_dim` over (data, fsdp) and replicates the rest."""
     spec = [None] * ndim
@@ -143,11 +150,7 @@ def batch_sharding(mesh: Mesh, ndim: int, batch_dim: int = 0) -> NamedSharding:
 def shard_batch(mesh: Mesh, array: np.ndarray | jax.Array, batch_dim: int = 0) -> jax.Array:
     """Place a batch on the mesh, split along `batch_dim` over (data, fsdp). With several processes `array` is
     this process's rows (`mr1jax.distributed.to_global`); they must split over its share of the batch devices."""
-    from mr1jax import distributed
-
-    n = max(1, mesh.shape["data"] * mesh.shape["fsdp"] // jax.process_count())
-    if isinstance(array, jax.Array) and not array.is_fully_addressable:
-        return jax.device_put(array, batch_sharding(mesh, array.ndim, batch_dim))
+    n = local_batch_devices(mesh)
     if array.shape[batch_dim] % n:
         raise ValueError(f"batch dimension {array.shape[batch_dim]} is not divisible by data*fsdp = {n}"
                          + (" (per process)" if jax.process_count() > 1 else ""))

@@ -36,13 +36,13 @@ from flax import nnx
 from mr1jax import distributed, lora, sharding
 from mr1jax import steps as st
 from mr1jax.build import build_model, build_rows, model_dtypes
-from mr1jax.checkpoint import Checkpointer, PreemptionGuard, WorkdirLock, WorkdirLockedError
+from mr1jax.checkpoint import Checkpointer, PreemptionGuard, WorkdirLock, WorkdirLockedError, is_url
 from mr1jax.config import (ConfigError, beta_schedule, log_every, make_optimizer, phase_steps,  # noqa: F401
                            run_dir_conflicts, uses_kl, validate_config)
 from mr1jax.data.pipeline import make_rl_dataset
 from mr1jax.data.sft import annotator_trace, sft_examples_for_step
 from mr1jax.evaluation import eval_max_new_tokens, evaluate, evaluate_tasks, sample_completions  # noqa: F401
-from mr1jax.metrics import (MetricsWriter, is_url, log_before_rl, read_before_rl, recent_step_time, truncate_metrics,
+from mr1jax.metrics import (MetricsWriter, log_before_rl, read_before_rl, recent_step_time, truncate_metrics,
                             write_summary)
 from mr1jax.models.qwen2_vl.hf import save_pretrained
 from mr1jax.plots import plot_curves
@@ -165,18 +165,14 @@ def record_run_start(c: ml_collections.ConfigDict, workdir: str) -> None:
 def export_hf(model, tokenizer, path: str, dtype) -> None:
     """`save_pretrained` + the tokenizer into `path` (every process takes part, process 0 writes); an object-store
     path (gs://...) is written locally first and copied up file by file."""
-    if not is_url(path):
-        save_pretrained(model, path, save_dtype=dtype)
+    with tempfile.TemporaryDirectory() if is_url(path) else contextlib.nullcontext(path) as out:
+        save_pretrained(model, out, save_dtype=dtype)
         if distributed.is_primary():
-            tokenizer.save_pretrained(path)
-        return
-    with tempfile.TemporaryDirectory() as local:
-        save_pretrained(model, local, save_dtype=dtype)
-        if distributed.is_primary():
-            tokenizer.save_pretrained(local)
-            epath.Path(path).mkdir(parents=True, exist_ok=True)
-            for name in os.listdir(local):
-                epath.Path(local, name).copy(epath.Path(path) / name, overwrite=True)
+            tokenizer.save_pretrained(out)
+            if out != path:                                     # copy the local directory up
+                epath.Path(path).mkdir(parents=True, exist_ok=True)
+                for name in os.listdir(out):
+                    epath.Path(out, name).copy(epath.Path(path) / name, overwrite=True)
 
 
 def write_config(c: ml_collections.ConfigDict, workdir: str) -> None:
@@ -298,10 +294,10 @@ def _train(c: ml_collections.ConfigDict, workdir: str, stages, devices) -> dict[
         graphdef, params, frozen = lora.split_for_training(model, c, mesh)   # frozen: the LoRA base, or None
     except ValueError as e:                                                  # lora.targets matches nothing
         raise ConfigError(f"config.{e}") from None
-    lora_cfg = lora.LoRAConfig.from_config(c)
-    lora_merge = bool(lora_cfg.rank) and c.lora.sft_to_rl == "merge" and phase_steps(c)[0] > 0 and phase_steps(c)[1] > 0
     compute_dtype, _ = model_dtypes(c)
     sft_steps, rl_steps = phase_steps(c)
+    lora_cfg = lora.LoRAConfig.from_config(c)
+    lora_merge = bool(lora_cfg.rank) and c.lora.sft_to_rl == "merge" and sft_steps > 0 and rl_steps > 0
     total, kl_on = sft_steps + rl_steps, uses_kl(c) and rl_steps > 0
     sft_tx, rl_tx = make_optimizers(c)
     state = st.init_train_state(params, sft_tx or rl_tx, mesh, ref_dtype=compute_dtype,
