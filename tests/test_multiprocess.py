@@ -37,15 +37,18 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _popen(args: list[str]) -> subprocess.Popen:
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    return subprocess.Popen([sys.executable, *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=env, cwd=ROOT)
+
+
 def _launch(workdir, processes: int = 2, **flags) -> list[subprocess.Popen]:
     port = _free_port()
     extra = [f"--{k}={v}" for k, v in flags.items()]
     devices = 8 // processes
-    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    return [subprocess.Popen([sys.executable, RUNNER, f"--workdir={workdir}", f"--processes={processes}",
-                              f"--process_id={i}", f"--port={port}", f"--devices={devices}", *extra],
-                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT)
-            for i in range(processes)]
+    return [_popen([RUNNER, f"--workdir={workdir}", f"--processes={processes}", f"--process_id={i}",
+                    f"--port={port}", f"--devices={devices}", *extra]) for i in range(processes)]
 
 
 def _wait(procs, timeout: float = 900) -> list[tuple[int, str]]:
@@ -146,10 +149,8 @@ def test_load_pretrained_and_export_across_two_processes(tmp_path):
     cfg = Qwen2VLConfig.tiny(vocab_size=512, hidden_size=64)
     save_pretrained(Qwen2VL(cfg, rngs=nnx.Rngs(3), dtype=jnp.float32), src)
     port = _free_port()
-    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    procs = [subprocess.Popen([sys.executable, os.path.join(os.path.dirname(__file__), "multiprocess_load.py"),
-                               str(src), str(out), str(i), str(port)], stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT) for i in (0, 1)]
+    procs = [_popen([os.path.join(os.path.dirname(__file__), "multiprocess_load.py"), str(src), str(out), str(i),
+                     str(port)]) for i in (0, 1)]
     outputs = _wait(procs, timeout=300)
     assert all(code == 0 for code, _ in outputs), [t[-2000:] for _, t in outputs]
     r0, r1 = _results(outputs)
