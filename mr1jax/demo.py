@@ -24,7 +24,7 @@ from mr1jax.data.tokenizer import load_tokenizer, model_token_ids
 from mr1jax.data.vision import num_image_tokens, preprocess_images
 from mr1jax.models.qwen2_vl import Qwen2VL, Qwen2VLConfig, prepare_inputs
 from mr1jax.models.qwen2_vl.hf import load_pretrained, save_pretrained
-from mr1jax.sampling import generate
+from mr1jax.generate.sampler import generate
 
 
 def demo_image(seed: int = 0, size: int = 112) -> Image.Image:

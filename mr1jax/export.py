@@ -24,20 +24,20 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
-from mr1jax import lora
-from mr1jax.checkpoint import CheckpointCorruptError, Checkpointer, CheckpointMismatchError
+from mr1jax.models import lora
+from mr1jax.models.qwen2_vl.hf import save_pretrained
+from mr1jax.trainer.checkpoint import CheckpointCorruptError, Checkpointer, CheckpointMismatchError
 
 
 class ExportError(ValueError):
     """The work dir holds no run or no checkpoint to export."""
-from mr1jax.models.qwen2_vl.hf import save_pretrained
 
 
 def export_checkpoint(workdir: str, step: int | None = None, out: str | None = None,
                       dtype: str | None = None) -> str:
     """Write checkpoint `step` (default: latest) of the run in `workdir` as a HF directory; returns its path."""
-    from mr1jax import sharding
-    from mr1jax.build import build_model
+    from mr1jax.parallel import sharding
+    from mr1jax.trainer.build import build_model, restore_run_adapters
 
     path = os.path.join(workdir, "config.json")
     if not os.path.isfile(path):
@@ -56,7 +56,7 @@ def export_checkpoint(workdir: str, step: int | None = None, out: str | None = N
     out = out or os.path.join(workdir, f"hf-{step}")
     try:
         if lora_rank:        # LoRA run: the checkpoint holds adapters; PEFT adapters next to the merged model
-            model = lora.restore_run_adapters(model, config, workdir, step, lambda a: ckpt.restore_params(step, a))
+            model = restore_run_adapters(model, config, workdir, step, lambda a: ckpt.restore_params(step, a))
             lora.save_peft(model, out.rstrip("/") + "-adapter", lora.LoRAConfig.from_config(config))
             lora.merge_lora(model)
         else:

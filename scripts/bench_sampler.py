@@ -36,7 +36,7 @@ sides do the same work (checked and printed). It prints:
 * `compile_count()` after the first calls and after all warm repeats (must not grow);
 * the issue's targets ">= 4x transformers throughput" and "decode within 2x of the roofline", PASS / MISS;
 * diagnostics (``--no_diagnose`` skips them): one shared rollout at temperature 0 (greedy) and one at top_p
-  0.999 (which turns on the top-k/top-p filter branch of `mr1jax.sampling.filter_logits`), neither recompiling;
+  0.999 (which turns on the top-k/top-p filter branch of `mr1jax.generate.sampler.filter_logits`), neither recompiling;
   then the pieces of one decode step for the same rows, each jitted alone: the decoder layers (with a KV
   cache of the benchmark's size), the LM head, `sample_tokens` as benchmarked and with the sort on, the sort,
   the Gumbel draw of `jax.random.categorical`, argmax and log_softmax over [rows, vocab], next to their
@@ -72,7 +72,7 @@ from flax import nnx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from mr1jax import sampling  # noqa: E402
+from mr1jax.generate import sampler  # noqa: E402
 from mr1jax.models.qwen2_vl.config import Qwen2VLConfig  # noqa: E402
 from mr1jax.models.qwen2_vl.model import Qwen2VL, init_cache  # noqa: E402
 from mr1jax.testing.bench import (OtherLoad, bench_config, build_random_model, build_reference_pair,  # noqa: E402
@@ -127,7 +127,7 @@ def jax_generate(model, batch, *, num_samples, max_new_tokens, eos, seed, temper
                  key_impl=None):
     """One mr1jax rollout (top_k off), blocked until ready; returns the Rollouts."""
     input_ids, attention_mask, pixel_values, image_grid_thw = batch
-    out = sampling.generate(model, input_ids, attention_mask, pixel_values, image_grid_thw,
+    out = sampler.generate(model, input_ids, attention_mask, pixel_values, image_grid_thw,
                             num_samples=num_samples, max_new_tokens=max_new_tokens, temperature=temperature,
                             top_p=top_p, top_k=0, eos_token_ids=(eos,), rng=jax.random.key(seed, impl=key_impl))
     jax.block_until_ready(out.tokens)
@@ -150,8 +150,8 @@ def sampling_step_costs(rows: int, vocab: int, iters: int) -> dict[str, float]:
     rng = jax.random.key(2)
     t, k, p_off, p_on = jnp.float32(1.0), jnp.int32(0), jnp.float32(1.0), jnp.float32(0.999)
     cases = {
-        "sample_tokens, top_p=1 (as benchmarked)": (lambda x, r, p: sampling.sample_tokens(x, r, t, k, p), p_off),
-        "sample_tokens, top_p=0.999 (top-p filter)": (lambda x, r, p: sampling.sample_tokens(x, r, t, k, p), p_on),
+        "sample_tokens, top_p=1 (as benchmarked)": (lambda x, r, p: sampler.sample_tokens(x, r, t, k, p), p_off),
+        "sample_tokens, top_p=0.999 (top-p filter)": (lambda x, r, p: sampler.sample_tokens(x, r, t, k, p), p_on),
         "  jnp.sort alone": (lambda x, r, p: jnp.sort(x, axis=-1), p_off),
         "  jax.random.categorical alone (Gumbel)": (lambda x, r, p: jax.random.categorical(r, x, axis=-1), p_off),
         "  jax.random.uniform over [rows, vocab]": (lambda x, r, p: jax.random.uniform(r, x.shape), p_off),
@@ -262,7 +262,7 @@ def run_compare(args) -> None:
     first = {}
     for name in variants:
         first[name] = timed_once(lambda: run_jax(name))
-    count_after_compile = sampling.compile_count()
+    count_after_compile = sampler.compile_count()
     t0 = time.perf_counter()
     hf_out = run_hf()  # warm-up
     hf_first = time.perf_counter() - t0
@@ -284,7 +284,7 @@ def run_compare(args) -> None:
         for name in order:
             fn = run_hf if name == "transformers" else (lambda n=name: run_jax(n))
             times[name].append(timed_once(fn, loads[name]))
-    count_after_warm = sampling.compile_count()
+    count_after_warm = sampler.compile_count()
     med = {k: statistics.median(v) for k, v in times.items()}
 
     # ---- machine: bandwidth and matmul peak (same run)
@@ -323,7 +323,7 @@ def run_compare(args) -> None:
     # ---- decode vs roofline
     step_s = (med["shared"] - med["one_token"]) / (t_new - 1)
     avg_ctx = float(n_valid.mean()) + t_new / 2 + 1  # steps 1..T-1 see n_valid + k + 1 keys
-    kvb = sampling.kv_cache_bytes_per_token(model, jnp.float32)
+    kvb = sampler.kv_cache_bytes_per_token(model, jnp.float32)
     roof = decode_roofline(cfg, counts, rows, avg_ctx, 4, kvb, bandwidth, peak)
     ratio = step_s / roof["step_s"]
     speedup = med["transformers"] / med["shared"]
@@ -349,14 +349,14 @@ def run_compare(args) -> None:
     # ---- diagnostics: where a decode step goes
     print()
     print("diagnostics: where a decode step goes")
-    count0 = sampling.compile_count()
+    count0 = sampler.compile_count()
     diag = {"temperature 0 (greedy)": dict(temperature=0.0),
             "top_p 0.999 (top-p filter branch on)": dict(top_p=0.999)}
     for label, kw in diag.items():
         s = timed_once(lambda: run_jax("shared", **kw))
         print(f"  shared rollout at {label:<36} {s:7.2f}s  ({s - med['shared']:+.2f}s vs temperature 1 / top_p 1 "
               f"= {(s - med['shared']) / t_new * 1e3:+.1f} ms per step)")
-    print(f"  (one call each, sampling parameters traced: compile_count {count0} -> {sampling.compile_count()})")
+    print(f"  (one call each, sampling parameters traced: compile_count {count0} -> {sampler.compile_count()})")
     model_costs = decode_model_costs(model, rows, input_ids.shape[1] + t_new, int(avg_ctx), args.diag_iters)
     costs = sampling_step_costs(rows, cfg.text.vocab_size, iters=args.diag_iters)
     print(f"  pieces of one decode step for {rows} rows, each jitted alone (median of {args.diag_iters}); the "
@@ -401,7 +401,7 @@ def run_gpu_2b(args, cfg: Qwen2VLConfig | None = None) -> None:
         return jax_generate(model, batch, num_samples=g, max_new_tokens=tn, temperature=1.0, eos=eos, seed=seed)
 
     first = {tn: timed_once(lambda: run(tn, 0)) for tn in (t_new, 1)}
-    c0 = sampling.compile_count()
+    c0 = sampler.compile_count()
     out = run(t_new, 1)
     times = {t_new: [], 1: []}
     for r in range(args.repeats):
@@ -412,13 +412,13 @@ def run_gpu_2b(args, cfg: Qwen2VLConfig | None = None) -> None:
     peak = measure_matmul(8192, jnp.bfloat16)
     step_s = (med[t_new] - med[1]) / (t_new - 1)
     avg_ctx = float(n_valid.mean()) + t_new / 2 + 1
-    kvb = sampling.kv_cache_bytes_per_token(model, jnp.bfloat16)
+    kvb = sampler.kv_cache_bytes_per_token(model, jnp.bfloat16)
     roof = decode_roofline(cfg, counts, rows, avg_ctx, 2, kvb, bw, peak)
     print()
     print(f"rollout: median {med[t_new]:.3f}s (min {min(times[t_new]):.3f}s) -> {n_gen / med[t_new]:.0f} generated "
           f"tokens/s; max_new_tokens=1: {med[1]:.3f}s; lengths {int(out.lengths.min())}-{int(out.lengths.max())}")
     print(f"compile ~{first[t_new] - med[t_new]:.1f}s ({t_new} tokens), ~{first[1] - med[1]:.1f}s (1 token); "
-          f"compile_count {c0} -> {sampling.compile_count()} over the warm calls")
+          f"compile_count {c0} -> {sampler.compile_count()} over the warm calls")
     print(f"device: copy bandwidth {bw / 1e9:.0f} GB/s over {args.bandwidth_mib} MiB (jitted copy); bf16 matmul "
           f"{peak / 1e12:.0f} TFLOP/s (jitted 8192x8192 jnp.dot)")
     print(f"decode step {1e3 * step_s:.2f} ms for {rows} rows -> {rows / step_s:.0f} decode tokens/s; roofline "

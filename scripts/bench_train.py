@@ -14,21 +14,21 @@ builds the benchmarks' ~116M-parameter Qwen2-VL (`mr1jax.testing.bench.bench_con
 tied embeddings, text hidden 512 x 4 layers, vision width 512 x 4 blocks) as a randomised
 `transformers.Qwen2VLForConditionalGeneration` and loads the same weights into mr1jax in fp32
 (`mr1jax.testing.bench.build_reference_pair`). Every mr1jax step is the trainer's own: a `TrainState`
-(`mr1jax.steps.init_train_state`, fp32 master weights, reference copy in the compute dtype) on a one-device
-(data, fsdp, tensor) mesh, and the explicitly sharded jitted steps of `mr1jax.steps` (``jit_grpo_update``,
+(`mr1jax.trainer.state.init_train_state`, fp32 master weights, reference copy in the compute dtype) on a one-device
+(data, fsdp, tensor) mesh, and the explicitly sharded jitted steps of `mr1jax.trainer.state` (``jit_grpo_update``,
 ``jit_token_logprobs``, ``jit_sft_update``; params and opt_state donated) with the optimizer of
-`mr1jax.train.make_optimizers` (clip + AdamW), configured from ``configs/grpo.py`` with the sizes below
+`mr1jax.trainer.config.make_optimizers` (clip + AdamW), configured from ``configs/grpo.py`` with the sizes below
 (``--logit_chunk`` 128, ``--remat`` none and ``--attention_chunk`` 1024 are its defaults).
 The benchmark owns a copy of the weights (donation consumes the state's buffers; the torch comparison keeps
 the originals). It prints four parts:
 
 1. **GRPO step split.** ``--prompts`` prompts, each one ``--image_size`` image (224: 256 patches -> 64 image
    tokens) plus text, left-padded to ``--prompt_bucket``; G = ``--num_samples`` completions of
-   ``--max_new_tokens`` tokens each. One RL step is `mr1jax.train_steps.rl_step`, as the training loop calls
+   ``--max_new_tokens`` tokens each. One RL step is `mr1jax.trainer.step.rl_step`, as the training loop calls
    it, timed by its own phase clocks (median of ``--repeats`` warm steps; first step minus the warm median
    reported as compile):
 
-   * rollout: `mr1jax.rollout.rollout_batch` -- `generate` at temperature 1, decoding, the reward worker
+   * rollout: `mr1jax.trainer.rollout.rollout_batch` -- `generate` at temperature 1, decoding, the reward worker
      processes, the host update batch (M-RoPE over prompt + completion, group advantages). The stop id is an
      embedding row the real tokenizer never emits (``--eos_id``), so every row decodes all new tokens and
      the work is fixed. There is no tokenizer for the 151,936-token vocabulary here, so decoding is a stub
@@ -133,23 +133,23 @@ from flax import nnx
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from configs.grpo import get_config  # noqa: E402
-from mr1jax import sharding as shd  # noqa: E402
-from mr1jax import steps as st  # noqa: E402
-from mr1jax.config import make_optimizer  # noqa: E402
+from mr1jax.parallel import sharding as shd  # noqa: E402
+from mr1jax.trainer import state as st  # noqa: E402
+from mr1jax.trainer.config import make_optimizer  # noqa: E402
 from mr1jax.models.qwen2_vl.config import Qwen2VLConfig  # noqa: E402
 from mr1jax.models.qwen2_vl.model import Qwen2VL, prepare_inputs, set_attention_chunk  # noqa: E402
 from mr1jax.rl import group_advantages  # noqa: E402
 from mr1jax.rl.losses import grpo_loss_terms, sequence_logprobs  # noqa: E402
 from mr1jax.rl.ptst import Stage  # noqa: E402
 from mr1jax.rl.update import GRPOConfig, SFTConfig, completion_logprobs, sft_loss_terms  # noqa: E402
-from mr1jax.rollout import rollout_batch  # noqa: E402
-from mr1jax.sampling import pad_to_bucket  # noqa: E402
+from mr1jax.trainer.rollout import rollout_batch  # noqa: E402
+from mr1jax.generate.sampler import pad_to_bucket  # noqa: E402
 from mr1jax.testing.bench import (OtherLoad, bench_config, build_random_model, build_reference_pair,  # noqa: E402
                                   image_grid, machine_busy, measure_bandwidth, measure_matmul,
                                   param_counts, summarize_params, timed, torch_inputs)
 from mr1jax.testing.hf_reference import make_batch  # noqa: E402
-from mr1jax.train import make_optimizers  # noqa: E402
-from mr1jax.train_steps import StepFunctions, grpo_config, rl_step  # noqa: E402
+from mr1jax.trainer.config import make_optimizers  # noqa: E402
+from mr1jax.trainer.step import StepFunctions, grpo_config, rl_step  # noqa: E402
 
 TARGET_MFU = 0.40          # the issue: update MFU >= 40% of the measured matmul peak
 TARGET_SFT_SPEEDUP = 1.5   # the issue: SFT forward+backward >= 1.5x torch eager
@@ -768,7 +768,7 @@ def compare_lora(model: Qwen2VL, args, n_cores: int) -> None:
     """Part 5 (``--lora_rank R``): the GRPO update with LoRA adapters of rank R on ``--lora_targets`` (only the
     adapters trained, the frozen base an argument) against full fine-tuning, same batch, same jitted
     `jit_grpo_update`: per-device memory_analysis and median warm time in rounds over the two."""
-    from mr1jax import lora
+    from mr1jax.models import lora
 
     cfg = model.config
     g, bucket, t_new, n_prompts = args.num_samples, args.prompt_bucket, args.max_new_tokens, args.prompts
@@ -977,7 +977,7 @@ def run_sft(hf_model, model: Qwen2VL, args, n_cores: int) -> None:
 
 # ------------------------------------------------------------------------------------------ modes
 def as_trained(model: Qwen2VL, args) -> Qwen2VL:
-    """`model` on a one-device mesh as `mr1jax.build` sets it up (attention blocks of ``--attention_chunk``
+    """`model` on a one-device mesh as `mr1jax.trainer.build` sets it up (attention blocks of ``--attention_chunk``
     queries), with sampling's default stop ids set to (``--eos_id``,) (`rollout_batch` uses the config's)."""
     model = shd.shard_model(model, shd.make_mesh({"data": 1, "fsdp": -1, "tensor": 1}))
     model = set_attention_chunk(model, args.attention_chunk)

@@ -65,10 +65,10 @@ def load_config(path: str, overrides: list[str]):
 
 
 def evaluate_base(c) -> dict[str, dict[str, float]]:
-    from mr1jax import sharding
-    from mr1jax.build import build_model, build_rows
-    from mr1jax.config import validate_config
-    from mr1jax.evaluation import eval_max_new_tokens, evaluate_tasks
+    from mr1jax.parallel import sharding
+    from mr1jax.trainer.build import build_model, build_rows
+    from mr1jax.trainer.config import validate_config
+    from mr1jax.trainer.evaluation import eval_max_new_tokens, evaluate_tasks
 
     stages = validate_config(c)
     model, tokenizer = build_model(c, sharding.make_mesh(dict(c.mesh)))
@@ -82,8 +82,8 @@ def final_metrics(workdir: str) -> dict[str, dict[str, float]]:
 
 def run_seed(base_config, seed: int, task: str, out: str, log) -> dict[str, Any]:
     """All arms for one (seed, training task); returns {arm: {eval_task: metrics}}."""
-    from mr1jax.metrics import read_before_rl
-    from mr1jax.train import train_and_evaluate
+    from mr1jax.trainer.metrics import read_before_rl
+    from mr1jax.trainer.loop import train_and_evaluate
 
     c = base_config.copy_and_resolve_references()
     c.seed, c.data.task, c.export_hf = seed, task, False

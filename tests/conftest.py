@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import pytest
 
+from mr1jax.trainer import rollout
+
 from mr1jax.models.qwen2_vl import Qwen2VLConfig
+from tests.text_rewards import text_reward
 
 
 def tiny_config(tied: bool = False) -> Qwen2VLConfig:
@@ -32,3 +35,10 @@ def hf_tiny(request, tmp_path_factory):
 def hf_tiny_untied(tmp_path_factory):
     """The untied reference only (for the slower sampler tests)."""
     return _saved_reference(False, tmp_path_factory)
+
+
+@pytest.fixture
+def graded_reward(monkeypatch):
+    """Training runs in this test score accuracy by `text_reward("graded")`: non-zero advantages on a random model,
+    so RL steps move the parameters."""
+    monkeypatch.setattr(rollout, "reward_parts", text_reward("graded"))

@@ -37,8 +37,8 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from configs import grpo  # noqa: E402
-from mr1jax import rollout, train_steps  # noqa: E402
-from mr1jax.train import EXIT_PREEMPTED, train_and_evaluate  # noqa: E402
+from mr1jax.trainer import rollout, step as train_steps  # noqa: E402
+from mr1jax.trainer.loop import EXIT_PREEMPTED, train_and_evaluate  # noqa: E402
 
 
 def fake_reward_parts(texts, answers, timeout_s):
@@ -64,8 +64,8 @@ if args.sleep_per_step:
         time.sleep(args.sleep_per_step)
         return _rl_step(*a, **k)
 
-    import mr1jax.train as train_module
-    train_module.rl_step = slow_rl_step
+    import mr1jax.trainer.loop as loop_module
+    loop_module.rl_step = slow_rl_step
 
 
 def config():

@@ -18,9 +18,9 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from mr1jax import sharding as shd  # noqa: E402
+from mr1jax.parallel import sharding as shd  # noqa: E402
 from mr1jax.models import config_class, load_pretrained, model_class, prepare_inputs, save_pretrained  # noqa: E402
-from mr1jax.sampling import generate  # noqa: E402
+from mr1jax.generate.sampler import generate  # noqa: E402
 from mr1jax.testing.hf_reference import make_batch  # noqa: E402
 
 

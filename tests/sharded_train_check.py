@@ -18,8 +18,8 @@ import numpy as np  # noqa: E402
 from safetensors.numpy import load_file  # noqa: E402
 
 from configs import grpo  # noqa: E402
-from mr1jax import rollout  # noqa: E402
-from mr1jax.train import train_and_evaluate  # noqa: E402
+from mr1jax.trainer import rollout  # noqa: E402
+from mr1jax.trainer.loop import train_and_evaluate  # noqa: E402
 
 
 def fake_reward_parts(texts, answers, timeout_s):
@@ -72,7 +72,9 @@ def fsdp_collectives(devices=None):
     import optax
     from flax import nnx
 
-    from mr1jax import sharding, steps as st
+    from mr1jax.parallel import sharding
+
+    from mr1jax.trainer import state as st
     from mr1jax.models.qwen2_vl import Qwen2VL, Qwen2VLConfig
     from mr1jax.rl.update import GRPOConfig
 

@@ -8,7 +8,7 @@ import numpy as np
 import optax
 import pytest
 
-from mr1jax.checkpoint import CheckpointMismatchError, Checkpointer, PreemptionGuard
+from mr1jax.trainer.checkpoint import CheckpointMismatchError, Checkpointer, PreemptionGuard
 
 
 def _state():

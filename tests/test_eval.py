@@ -10,10 +10,12 @@ import pytest
 
 from configs.grpo import get_config
 from mr1jax import eval as ev
+from tests.text_rewards import text_reward
+from mr1jax.trainer.build import restore_params
+from mr1jax.trainer.evaluation import pass_metrics
 from mr1jax.data.tasks import TASKS, counting_examples
 
 NEW_TOKENS = 6
-REAL_REWARD_PARTS = __import__("mr1jax.rollout", fromlist=["reward_parts"]).reward_parts
 
 
 def tiny_config(train_files: str):
@@ -44,31 +46,18 @@ def write_rows(directory, n: int, name: str = "rows.jsonl"):
     return path
 
 
-def _text_reward(kind: str):
-    """The trainer's scoring with accuracy replaced by a function of the completion text: a random tiny model
-    never earns a real reward (so a GRPO step would not move it, and every accuracy would be 0).
-    'graded': (sum of code points mod 7) / 6, which differs between a prompt's samples (non-zero advantages);
-    'parity': sum of code points mod 2, a mix of right and wrong for pass@k."""
-    def reward_parts(texts, answers, timeout_s):
-        _, fmt, stats = REAL_REWARD_PARTS(texts, answers, timeout_s)
-        codes = [sum(map(ord, t)) for t in texts]
-        acc = [c % 7 / 6 for c in codes] if kind == "graded" else [c % 2 for c in codes]
-        return np.array(acc, np.float32), fmt, stats
-    return reward_parts
-
-
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     """A one-step training run (checkpoint at step 1 and the exported `hf/` directory) and its rows file."""
-    import mr1jax.rollout
-    import mr1jax.train
+    import mr1jax.trainer.rollout
+    import mr1jax.trainer.loop
 
     root = tmp_path_factory.mktemp("eval_run")
     rows = write_rows(root, 4)
     workdir = root / "run"
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(mr1jax.rollout, "reward_parts", _text_reward("graded"))
-        mr1jax.train.train_and_evaluate(tiny_config(str(rows)), str(workdir))
+        mp.setattr(mr1jax.trainer.rollout, "reward_parts", text_reward("graded"))
+        mr1jax.trainer.loop.train_and_evaluate(tiny_config(str(rows)), str(workdir))
     assert (workdir / "checkpoints" / "1").is_dir() and (workdir / "hf" / "config.json").is_file()
     return workdir, rows
 
@@ -120,16 +109,16 @@ def test_restore_params_loads_the_trained_checkpoint(run):
     from flax import nnx
     import ml_collections
 
-    from mr1jax import sharding
+    from mr1jax.parallel import sharding
     from mr1jax.models.qwen2_vl.hf import load_pretrained
-    from mr1jax.build import build_model
+    from mr1jax.trainer.build import build_model
 
     workdir, _ = run
     config = ml_collections.ConfigDict(json.loads((workdir / "config.json").read_text()))
     model, _ = build_model(config, sharding.make_mesh({"data": 1, "fsdp": -1, "tensor": 1}))
     leaves = lambda m: [np.asarray(x) for x in jax.tree.leaves(nnx.state(m, nnx.Param))]  # noqa: E731
     init = leaves(model)
-    ev.restore_params(model, str(workdir), 1)
+    restore_params(model, str(workdir), 1)
     restored, exported = leaves(model), leaves(load_pretrained(workdir / "hf", dtype=np.float32))
     assert len(restored) == len(exported) == len(init)
     for a, b in zip(restored, exported):
@@ -138,10 +127,10 @@ def test_restore_params_loads_the_trained_checkpoint(run):
 
 
 def test_sampled_pass_at_k_on_jsonl_rows_is_reproducible(run, tmp_path, monkeypatch):
-    import mr1jax.rollout
+    import mr1jax.trainer.rollout
 
     workdir, rows = run
-    monkeypatch.setattr(mr1jax.rollout, "reward_parts", _text_reward("parity"))
+    monkeypatch.setattr(mr1jax.trainer.rollout, "reward_parts", text_reward("parity"))
     args = [f"--workdir={workdir}", f"--data_files={rows}", "--fields=generic", "--temperature=1.0",
             "--num_samples=2", "--num_shown=4"]   # batch 2 x G 2: the training rollout's shapes
     first = ev.main(args + ["--seed=5", f"--output={tmp_path / 'a.json'}"])
@@ -177,12 +166,31 @@ def test_bad_image_row_is_named_or_skipped_and_counted(run, tmp_path, capsys):
     assert (workdir / "eval_rows.json").is_file()                  # DIR/eval_<data file stem>.json
 
 
+def test_eval_on_a_prepared_tfds_dataset(run, tmp_path, capsys):
+    """--tfds: a prepared dataset's test split, the same rows as the source files give; a dataset without a
+    held-out split, or --tfds beside --data_files, is refused naming the problem."""
+    from mr1jax.data.prepare import prepare_files
+
+    workdir, rows = run
+    with_test = prepare_files([str(rows)], out=str(tmp_path / "tfds"), name="evalrows", eval_files=[str(rows)],
+                              log=lambda _: None)["dir"]
+    out = ev.main([f"--workdir={workdir}", f"--tfds={with_test}", f"--output={tmp_path / 'tfds.json'}"])
+    files = ev.main([f"--workdir={workdir}", f"--data_files={rows}", f"--output={tmp_path / 'files.json'}"])
+    assert out["data"]["tfds"] == with_test and out["data"]["split"] == "test" and out["num_examples"] == 4
+    assert out["accuracy"] == files["accuracy"] and out["completion_len"] == files["completion_len"]
+    train_only = prepare_files([str(rows)], out=str(tmp_path / "tfds2"), name="trainonly", log=lambda _: None)["dir"]
+    err = _error(capsys, [f"--workdir={workdir}", f"--tfds={train_only}"])
+    assert "has no held-out split (test / validation)" in err
+    err = _error(capsys, [f"--workdir={workdir}", f"--tfds={with_test}", f"--data_files={rows}"])
+    assert "conflicting data --data_files, --tfds" in err
+
+
 def test_pass_metrics():
-    m = ev.pass_metrics(np.array([[1, 0, 0], [0, 0, 0], [1, 1, 1], [0, 0, 1]]))
+    m = pass_metrics(np.array([[1, 0, 0], [0, 0, 0], [1, 1, 1], [0, 0, 1]]))
     assert m["accuracy"] == pytest.approx(5 / 12) and m["pass_at_k"] == pytest.approx(3 / 4)
-    assert ev.pass_metrics(np.array([[1], [0], [0], [1]])) == {"accuracy": 0.5}
+    assert pass_metrics(np.array([[1], [0], [0], [1]])) == {"accuracy": 0.5}
     with pytest.raises(ValueError, match=r"\[prompts, k\]"):
-        ev.pass_metrics(np.zeros((0, 2)))
+        pass_metrics(np.zeros((0, 2)))
 
 
 def _error(capsys, argv) -> str:
@@ -216,7 +224,7 @@ def test_errors_name_the_problem(run, tmp_path, capsys):
     lone.mkdir()
     (lone / "config.json").write_text((workdir / "hf" / "config.json").read_text())
     err = _error(capsys, [f"--hf_path={lone}"])
-    assert f"no data: pass --task=NAME (one of: {', '.join(TASKS)}) or --data_files" in err
+    assert f"no data: pass --task=NAME (one of: {', '.join(TASKS)}), --data_files=... or --tfds=..." in err
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
     err = _error(capsys, [f"--workdir={workdir}", f"--data_files={empty}"])

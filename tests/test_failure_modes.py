@@ -12,9 +12,10 @@ import jax
 import numpy as np
 import pytest
 
-from mr1jax.checkpoint import Checkpointer, WorkdirLock, WorkdirLockedError
-from mr1jax.config import ConfigError, validate_config
-from mr1jax.train import StepWatch, TrainingDivergedError, train_and_evaluate
+from mr1jax.trainer.checkpoint import Checkpointer, WorkdirLock, WorkdirLockedError
+from mr1jax.trainer.config import ConfigError, validate_config
+from mr1jax.trainer.loop import train_and_evaluate
+from mr1jax.trainer.watch import StepWatch, TrainingDivergedError
 from tests.test_train import _params, tiny_config
 
 
@@ -77,7 +78,7 @@ def _flip_byte(step_dir):
     return data
 
 
-def test_corrupt_checkpoint_fallback_exact_resume_and_run_dir_rules(tmp_path, capsys):
+def test_corrupt_checkpoint_fallback_exact_resume_and_run_dir_rules(tmp_path, capsys, graded_reward):
     """One short run, then: a flipped byte in its latest checkpoint -> the rerun falls back to the previous one
     (saying so) and resumes exactly, metrics.jsonl keeps one line per step, wall time adds up; a second run
     on the locked dir and a rerun with another model size both stop before touching anything."""
@@ -85,6 +86,9 @@ def test_corrupt_checkpoint_fallback_exact_resume_and_run_dir_rules(tmp_path, ca
     train_and_evaluate(tiny_config(), run)                          # checkpoints 2 and 4
     step, want = _params(run)
     assert step == 4 and len(_rows(run)) > 0
+    _, at_2 = _params(run, 2)                                       # RL moved the policy between the saves
+    moved = [k for k in want if "['params']" in k and not np.array_equal(want[k], at_2[k])]
+    assert len(moved) > len([k for k in want if "['params']" in k]) // 2, moved
     ck = Checkpointer(os.path.join(run, "checkpoints"), async_save=False)
     elapsed_at_2 = ck.read_meta(2)["elapsed_s"]
     ck.close()
@@ -148,7 +152,7 @@ def test_all_checkpoints_bad_names_them(tmp_path):
     with pytest.raises(Exception, match=r"no usable checkpoint in .*ck; every one is bad:\n  checkpoint step 1: "
                                         r"cannot read .*ck/1/meta: JSONDecodeError"):
         ck.restore_latest_good(lambda step: {"w": jnp.zeros(300)}, warn=lambda msg: None)
-    from mr1jax.checkpoint import NonFiniteStateError
+    from mr1jax.trainer.checkpoint import NonFiniteStateError
     with pytest.raises(NonFiniteStateError, match=r"refusing to save checkpoint step 2 .* w \(1 values\)"):
         ck.save(2, {"w": jnp.array([1.0, jnp.inf])}, {"step": 2})
     assert ck.all_steps() == [1]

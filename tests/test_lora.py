@@ -10,8 +10,9 @@ import optax
 import pytest
 from flax import nnx
 
-from mr1jax import lora
+from mr1jax.models import lora
 from mr1jax.models.qwen2_vl import Qwen2VL, prepare_inputs
+from mr1jax.trainer.build import split_for_training
 from mr1jax.rl.update import GRPOConfig, SFTConfig, grpo_update, sft_update, token_logprobs
 from mr1jax.testing.hf_reference import make_batch
 from tests.conftest import tiny_config
@@ -198,20 +199,21 @@ def _config(**overrides):
     ("lora.base_quant", "int4", r"config.lora.base_quant = 'int4'; allowed values: none, int8, nf4"),
 ])
 def test_bad_lora_config_names_field(field, value, match):
-    from mr1jax.config import ConfigError, validate_config
+    from mr1jax.trainer.config import ConfigError, validate_config
 
     with pytest.raises(ConfigError, match=match):
         validate_config(_config(**{field: value}))
 
 
 @pytest.mark.slow
-def test_lora_sft_merge_then_grpo_resumes_exactly_and_exports(tmp_path):
+def test_lora_sft_merge_then_grpo_resumes_exactly_and_exports(tmp_path, graded_reward):
     """SFT (adapters) -> merge into the base -> GRPO on fresh adapters, stopped after the boundary and resumed:
-    the checkpoints hold only adapters (+ their Adam state) and the resumed run is bit-identical."""
+    the checkpoints hold only adapters (+ their Adam state) and the resumed run is bit-identical. The graded
+    reward gives non-zero advantages, so the resumed RL step really moves the adapters."""
     import json
     import os
 
-    from mr1jax.train import train_and_evaluate
+    from mr1jax.trainer.loop import train_and_evaluate
     from tests.test_train import _params
 
     kw = {"mode": "sft_then_grpo", "sft.steps": 1, "total_steps": 2, "checkpoint.every_steps": 1}
@@ -227,6 +229,8 @@ def test_lora_sft_merge_then_grpo_resumes_exactly_and_exports(tmp_path):
     assert n_params < 50_000                                             # the base is not in the checkpoint
     for k in a:
         np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+    _, at_2 = _params(straight, 2)                                      # the last RL step moved the adapters
+    assert any(not np.array_equal(a[k], at_2[k]) for k in a if "lora_b" in k)
     log = lambda d: [(r["step"], r["reward"], r["kl"], r["loss"])  # noqa: E731
                      for r in map(json.loads, (d / "metrics.jsonl").read_text().splitlines()) if "kl" in r]
     assert log(straight) == log(split)
@@ -243,6 +247,34 @@ def test_lora_sft_merge_then_grpo_resumes_exactly_and_exports(tmp_path):
     a, b = flat(final), flat(exported)
     for k in a:                                                          # the end-of-run export, same merge
         np.testing.assert_allclose(a[k], b[k], atol=1e-6, err_msg=str(k))
+
+
+def test_peft_dirs_on_an_object_store_go_through_epath(tmp_path, monkeypatch):
+    """A gs:// adapter dir (LoRA run on an object-store work dir): both files are written and read through
+    etils.epath (staged locally), and the adapters come back exactly."""
+    import os
+
+    from etils.epath import testing as epath_testing
+
+    monkeypatch.chdir(tmp_path)
+    seen = []
+
+    def record(fn, path, *args, **kwargs):
+        seen.append(os.fspath(path))
+        seen.extend(os.fspath(a) for a in args if isinstance(a, (str, os.PathLike)))
+        return fn(path, *args, **kwargs)
+
+    model = _randomise_b(lora.apply_lora(Qwen2VL(tiny_config(), rngs=nnx.Rngs(0)), lora.LoRAConfig(rank=4, alpha=8)))
+    url = "gs://bucket/run/hf_adapter"
+    with epath_testing.mock_epath(open=record, copy=record):
+        lora.save_peft(model, url, lora.LoRAConfig(rank=4, alpha=8))
+        fresh = Qwen2VL(tiny_config(), rngs=nnx.Rngs(0))
+        got = lora.load_peft(fresh, url)
+    for name in (lora.ADAPTER_CONFIG, lora.ADAPTER_WEIGHTS):
+        assert f"{url}/{name}" in seen, (name, seen)                # went through epath, not a local open()
+    assert got.rank == 4 and got.alpha == 8
+    want, have = nnx.state(model, lora.LoRAParam), nnx.state(fresh, lora.LoRAParam)
+    jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, want), jax.tree.map(np.asarray, have))
 
 
 # ------------------------------------------------------------------------------------------ QLoRA
@@ -275,7 +307,8 @@ def test_quantised_base_logits_within_tolerance_of_bf16(hf_tiny_untied, batch, f
     lora.quantize_base(model, fmt)
     kernel = model.model.layers.self_attn.q_proj.kernel
     assert kernel.dtype == (jnp.int8 if fmt == "int8" else jnp.uint8) and model.lm_head.quant is None
-    diff = np.abs(_logits(model, batch) - ref)[mask]
+    quantised = _logits(model, batch)
+    diff = np.abs(quantised - ref)[mask]
     scale = np.abs(ref[mask]).max()
     mean_tol, max_tol = QUANT_TOL[fmt]
     print(f"{fmt}: mean |d| {diff.mean() / scale:.2%}, max {diff.max() / scale:.2%} of max |logit| {scale:.1f}")
@@ -283,6 +316,9 @@ def test_quantised_base_logits_within_tolerance_of_bf16(hf_tiny_untied, batch, f
     # adapters on the quantised base train in fp32 and merge into dequantised kernels
     _randomise_b(model, scale=0.3)
     adapted_logits = _logits(model, batch)
+    moved = np.abs(adapted_logits - quantised)[mask]                # control: the adapters change the logits ...
+    print(f"{fmt}: adapters move the logits by mean {moved.mean() / scale:.2%} of max |logit|")
+    assert moved.mean() > 0.05 * scale                              # ... by far more than the merge tolerance below
     graphdef, state = nnx.split(model)
     merged = lora.merge_lora(nnx.merge(graphdef, state))
     assert merged.model.layers.self_attn.q_proj.quant is None
@@ -293,17 +329,17 @@ def test_quantised_base_logits_within_tolerance_of_bf16(hf_tiny_untied, batch, f
 @pytest.mark.slow
 def test_training_split_continues_from_peft_adapters(tmp_path):
     """`lora.init_from`: the trainer's adapters start from a PEFT directory; a wrong rank is named."""
-    from mr1jax import sharding
+    from mr1jax.parallel import sharding
 
     model = _randomise_b(lora.apply_lora(Qwen2VL(tiny_config(), rngs=nnx.Rngs(0)), lora.LoRAConfig(rank=4, alpha=8)))
     lora.save_peft(model, tmp_path / "a", lora.LoRAConfig(rank=4, alpha=8))
     want = nnx.state(model, lora.LoRAParam)
     c = _config(**{"lora.init_from": str(tmp_path / "a")})
     mesh = sharding.make_mesh({"data": 1, "fsdp": -1, "tensor": 1})
-    _, adapters, base = lora.split_for_training(Qwen2VL(tiny_config(), rngs=nnx.Rngs(0)), c, mesh)
+    _, adapters, base = split_for_training(Qwen2VL(tiny_config(), rngs=nnx.Rngs(0)), c, mesh)
     jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, want), jax.tree.map(np.asarray, adapters))
     with pytest.raises(ValueError, match="holds rank-4 adapters; set lora.rank = 4"):
-        lora.split_for_training(Qwen2VL(tiny_config(), rngs=nnx.Rngs(0)), _config(**{
+        split_for_training(Qwen2VL(tiny_config(), rngs=nnx.Rngs(0)), _config(**{
             "lora.init_from": str(tmp_path / "a"), "lora.rank": 8}), mesh)
 
 
@@ -313,7 +349,7 @@ def test_lora_sft_keep_then_grpo(tmp_path):
     the first RL step, then > 0); nothing is merged and no SFT adapter directory is written."""
     import json
 
-    from mr1jax.train import train_and_evaluate
+    from mr1jax.trainer.loop import train_and_evaluate
 
     c = _config(mode="sft_then_grpo", total_steps=2, **{"sft.steps": 1, "lora.sft_to_rl": "keep",
                                                         "rl.beta_schedule": "constant", "rl.beta": 0.1})

@@ -20,7 +20,7 @@ from mr1jax.data.tokenizer import load_tokenizer, model_token_ids
 from mr1jax.models import Qwen25VL, Qwen25VLConfig, prepare_inputs
 from mr1jax.rl.ptst import Stage
 from mr1jax.rl.update import GRPOConfig, SFTConfig, grpo_update, sft_update, token_logprobs
-from mr1jax.rollout import rollout_batch
+from mr1jax.trainer.rollout import rollout_batch
 
 PROMPTS, K, G, T, BUCKET, IMAGE = 2, 2, 2, 6, 96, 112
 
@@ -56,19 +56,36 @@ def test_batch_holds_every_image_in_order(setup):
     prepare_inputs(cfg, ids, prompts.attention_mask, prompts.image_grid_thw)   # features match tokens
 
 
-@pytest.mark.slow
-def test_two_image_grpo_step(setup):
-    """Sampler log-probs (vision tower once per prompt) equal the trainer's teacher-forced ones; one update."""
+@pytest.fixture(scope="module")
+def scored(setup):
+    """A sampled two-image batch and the trainer's teacher-forced log-probs of its completions."""
     tok, model, prompts = setup
     c = grpo_config.get_config()
     batch, _ = rollout_batch(model, tok, prompts, Stage(T, G, 1), c, jax.random.key(1))
     batch = {k: jnp.asarray(v) for k, v in batch.items()}
-    assert batch["pixel_values"].shape[0] == PROMPTS * K * (IMAGE // 14) ** 2        # not repeated per sample
     gcfg = GRPOConfig(num_samples=G, prompt_len=BUCKET, patch_segments=PROMPTS * K)
     graphdef, params = nnx.split(model)
     lp = jax.jit(token_logprobs, static_argnames=("graphdef", "cfg"))(graphdef, params, batch, cfg=gcfg)
+    return batch, gcfg, lp
+
+
+def test_two_image_sampler_logprobs_equal_the_trainers(scored):
+    """Sampler log-probs (vision tower once per prompt, cached decode) equal the trainer's teacher-forced ones
+    on prompts with two images each: the images, their tokens and the completions line up in both paths."""
+    batch, _, lp = scored
+    assert batch["pixel_values"].shape[0] == PROMPTS * K * (IMAGE // 14) ** 2        # not repeated per sample
     mask = np.asarray(batch["completion_mask"]).astype(bool)
+    assert mask.sum() >= PROMPTS * G                                                  # something was sampled
     assert np.abs(np.asarray(lp) - np.asarray(batch["sampler_logps"]))[mask].max() < 1e-4
+
+
+@pytest.mark.slow
+def test_two_image_grpo_step(setup, scored):
+    """One GRPO update on the two-image batch reaches the windowed vision tower."""
+    _, model, _ = setup
+    batch, gcfg, lp = scored
+    batch = dict(batch)
+    graphdef, params = nnx.split(model)
     batch["ref_logps"] = lp
     batch["advantages"] = jnp.asarray([1.0, -1.0] * PROMPTS, jnp.float32)
     tx = optax.sgd(1e-2)
@@ -89,7 +106,17 @@ def test_two_image_sft_step(setup):
     tx = optax.sgd(1e-2)
     _, _, m = jax.jit(sft_update, static_argnames=("graphdef", "tx", "cfg"))(
         graphdef, params, tx.init(params), batch, tx=tx, cfg=SFTConfig(patch_segments=PROMPTS * K))
-    assert float(m["loss"]) > 1.0 and np.isfinite(float(m["grad_norm"]))
+    # reference: the model's full logits (its own host-side inputs from the grids), next-token NLL on the
+    # response tokens only, mean over them; equal only if the loss mask, the shift and both images line up
+    logits = np.asarray(model(jnp.asarray(b["input_ids"]), jnp.asarray(b["attention_mask"]),
+                              jnp.asarray(b["pixel_values"]), b["image_grid_thw"]), np.float64)
+    logp = logits[:, :-1] - np.log(np.exp(logits[:, :-1] - logits[:, :-1].max(-1, keepdims=True)).sum(
+        -1, keepdims=True)) - logits[:, :-1].max(-1, keepdims=True)
+    target = np.take_along_axis(logp, b["input_ids"][:, 1:, None], -1)[..., 0]
+    resp = b["loss_mask"][:, 1:].astype(bool)
+    assert 0 < resp.sum() < b["attention_mask"].sum()                 # the response, not the whole sequence
+    np.testing.assert_allclose(float(m["loss"]), -target[resp].mean(), rtol=1e-4)
+    assert np.isfinite(float(m["grad_norm"])) and float(m["grad_norm"]) > 0
     with pytest.raises(DataError, match=r"row has 2 image\(s\); every SFT example must carry images_per_prompt = 1"):
         sft_batch(tok, rows, image_size=IMAGE, seq_len=BUCKET + 24)
 

@@ -157,6 +157,15 @@ def test_load_pretrained_and_export_across_two_processes(tmp_path):
     assert r0["spanning"] > 0                                   # some parameters really span both processes
     assert r0["local_bytes"] < r0["total_bytes"]                # each process holds only part of the model
     assert r0["sums"] == r1["sums"]
+    # the row helpers: each process's rows go into one global array (process 0's first) and come back
+    both = (np.arange(8, dtype=np.float32).reshape(4, 2)[None] + 100 * np.arange(2)[:, None, None]).reshape(8, 2)
+    for pid, r in enumerate((r0, r1)):
+        rows = r["rows"]
+        assert rows["shape"] == [8, 2] and rows["spans"]
+        np.testing.assert_array_equal(rows["back"], both[4 * pid:4 * pid + 4])
+        np.testing.assert_array_equal(rows["whole"], both)
+        np.testing.assert_array_equal(rows["gathered"], both)
+        assert rows["any_p1"] is True and rows["any_none"] is False   # true on process 1 only -> true everywhere
     a, b = load_file(str(src / "model.safetensors")), load_file(str(out / "model.safetensors"))
     assert a.keys() == b.keys()
     for k in a:

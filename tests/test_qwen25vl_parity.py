@@ -16,7 +16,7 @@ from mr1jax.models import (Qwen25VL, Qwen25VLConfig, Qwen2VLConfig, config_from_
 from mr1jax.models.qwen2_5_vl.config import Qwen25VisionConfig
 from mr1jax.models.qwen2_vl import rope
 from mr1jax.models.qwen2_vl.config import ConfigError
-from mr1jax.sampling import generate
+from mr1jax.generate.sampler import generate
 from mr1jax.testing.hf_reference import (build_hf_model, hf_greedy, hf_logits, hf_rope_index, make_batch,
                                          valid_max_diff)
 

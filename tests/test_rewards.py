@@ -11,9 +11,10 @@ import time
 import numpy as np
 import pytest
 
+from mr1jax.rl import reward_runner
 from mr1jax.rl import rewards as R
+from mr1jax.rl.reward_runner import RewardRunner, score_batch
 from mr1jax.rl.rewards import (
-    RewardRunner,
     accuracy_reward,
     answers_match,
     extract_answer,
@@ -22,7 +23,6 @@ from mr1jax.rl.rewards import (
     othink_reward,
     parse_choice,
     parse_number,
-    score_batch,
 )
 
 # ---------------------------------------------------------------------------------------------------------
@@ -427,7 +427,7 @@ def test_runner_from_a_thread(runner):
     rewards, stats = out["batch"]
     np.testing.assert_array_equal(rewards, [1, 0])
     assert stats["n_timeouts"] == 1
-    R.close_default_runner()
+    reward_runner.close_default_runner()
 
 
 def test_runner_concurrent_threads_share_it(runner):

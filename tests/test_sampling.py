@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from mr1jax.models.qwen2_vl.hf import load_pretrained
-from mr1jax.sampling import compile_count, filter_logits, generate, kv_cache_bytes_per_token, sample_tokens
+from mr1jax.generate.sampler import compile_count, filter_logits, generate, kv_cache_bytes_per_token, sample_tokens
 from mr1jax.testing.hf_reference import hf_greedy, make_batch
 
 ROWS = [{"text": 10, "images": [(1, 4, 4)]}, {"text": 5, "images": [(1, 6, 4)]}, {"text": 7}]
@@ -211,7 +211,7 @@ def test_image_pad_is_suppressed_by_default(hf_tiny_untied):
 
 def test_inverse_cdf_sample_matches_weights_across_blocks():
     """Blocked inversion: frequencies follow the weights across block boundaries; zero weights never drawn."""
-    from mr1jax.sampling import inverse_cdf_sample
+    from mr1jax.generate.sampler import inverse_cdf_sample
 
     vocab = 1000  # not a multiple of the block size
     w = np.zeros(vocab, np.float32)

@@ -12,7 +12,7 @@ import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from mr1jax import sharding as shd
+from mr1jax.parallel import sharding as shd
 from mr1jax.models.qwen2_vl import REMAT_POLICIES, Qwen2VL, Qwen2VLConfig, prepare_inputs, set_remat
 from mr1jax.models.qwen2_vl.model import attention_mask_4d, init_cache
 from mr1jax.testing.hf_reference import make_batch
@@ -162,7 +162,7 @@ def test_load_pretrained_forwards_remat(tmp_path):
 
 def test_sampler_reads_compute_dtype_weights():
     """fp32 master weights with bf16 compute sample exactly as bf16-stored weights (cast once, up front)."""
-    from mr1jax.sampling import generate
+    from mr1jax.generate.sampler import generate
 
     cfg = Qwen2VLConfig.tiny(num_layers=2, vision_depth=1)
     master = Qwen2VL(cfg, rngs=nnx.Rngs(0), dtype=jnp.bfloat16, param_dtype=jnp.float32)

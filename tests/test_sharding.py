@@ -11,7 +11,7 @@ import jax
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from mr1jax import sharding as shd
+from mr1jax.parallel import sharding as shd
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -1,4 +1,4 @@
-"""mr1jax.steps: the TrainState helpers and donation-safe asynchronous checkpointing."""
+"""mr1jax.trainer.state: the TrainState helpers and donation-safe asynchronous checkpointing."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ import numpy as np
 import optax
 from flax import nnx
 
-from mr1jax import sharding
-from mr1jax import steps as st
-from mr1jax.checkpoint import Checkpointer
+from mr1jax.parallel import sharding
+from mr1jax.trainer import state as st
+from mr1jax.trainer.checkpoint import Checkpointer
 from mr1jax.models.qwen2_vl import Qwen2VL, Qwen2VLConfig
 
 

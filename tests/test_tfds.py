@@ -249,8 +249,8 @@ def tiny_config(tfds_dir: str, **overrides):
     ("not_a_dataset", r"config.data.tfds = 'not_a_dataset': not_a_dataset: no such TFDS dataset"),
 ])
 def test_bad_config_data_tfds_is_named_before_anything_is_built(spec, match, tmp_path):
-    from mr1jax.config import ConfigError, validate_config
-    from mr1jax.train import train_and_evaluate
+    from mr1jax.trainer.config import ConfigError, validate_config
+    from mr1jax.trainer.loop import train_and_evaluate
 
     c = tiny_config(spec, **{"data.tfds_data_dir": str(tmp_path)})
     with pytest.raises(ConfigError, match=match):
@@ -261,7 +261,7 @@ def test_bad_config_data_tfds_is_named_before_anything_is_built(spec, match, tmp
 
 
 def test_bad_config_data_tfds_with_train_files(prepared):
-    from mr1jax.config import ConfigError, validate_config
+    from mr1jax.trainer.config import ConfigError, validate_config
 
     data, directory = prepared
     with pytest.raises(ConfigError, match="config.data.tfds = .* and config.data.train_files = .*: set one of them"):
@@ -270,7 +270,7 @@ def test_bad_config_data_tfds_with_train_files(prepared):
 
 @pytest.mark.slow
 def test_trains_two_steps_on_a_prepared_tfds_dataset(prepared, tmp_path):
-    from mr1jax.train import train_and_evaluate
+    from mr1jax.trainer.loop import train_and_evaluate
 
     _, directory = prepared
     out = train_and_evaluate(tiny_config(directory), str(tmp_path / "run"))
@@ -282,8 +282,8 @@ def test_trains_two_steps_on_a_prepared_tfds_dataset(prepared, tmp_path):
 def test_build_rows_reads_train_and_test_splits(prepared, tmp_path):
     import json as _json
 
-    from mr1jax.build import build_rows
-    from mr1jax.config import run_dir_conflicts
+    from mr1jax.trainer.build import build_rows
+    from mr1jax.trainer.config import run_dir_conflicts
 
     data, directory = prepared
     c = tiny_config(directory)

@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 
 from configs.grpo import get_config
-from mr1jax.checkpoint import Checkpointer
-from mr1jax.config import ConfigError, validate_config
-from mr1jax.train import train_and_evaluate
+from mr1jax.trainer.checkpoint import Checkpointer
+from mr1jax.trainer.config import ConfigError, validate_config
+from mr1jax.trainer.loop import train_and_evaluate
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -93,9 +93,10 @@ def test_trainer_reward_combination_is_the_reward_functions():
         rw.combine_rewards("shaped", acc, fmt)
 
 
-def _params(workdir):
+def _params(workdir, step=None):
+    """(step, {path: array}) of checkpoint `step` (default: the latest) of the run in `workdir`."""
     ck = Checkpointer(os.path.join(workdir, "checkpoints"), async_save=False)
-    step = ck.latest_step()
+    step = ck.latest_step() if step is None else step
     meta = ck.manager.item_metadata(step)["state"]
     abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), meta,
                             is_leaf=lambda m: hasattr(m, "shape"))
@@ -168,7 +169,7 @@ def test_sigterm_saves_a_loadable_checkpoint(tmp_path):
         assert time.time() < deadline, "".join(lines)
     rest, _ = proc.communicate(timeout=300)
     output = "".join(lines) + rest
-    from mr1jax.train import EXIT_PREEMPTED
+    from mr1jax.trainer.loop import EXIT_PREEMPTED
     assert proc.returncode == EXIT_PREEMPTED == 143, output      # a scheduler tells a preemption from the end
     assert "SIGTERM: saved checkpoint" in output
     step, params = _params(tmp_path)
@@ -177,7 +178,7 @@ def test_sigterm_saves_a_loadable_checkpoint(tmp_path):
 
 def test_sft_then_grpo_with_ptst_stages_and_export(tmp_path):
     """Cold-start SFT, then RL over two PTST stages; checkpoints at the SFT end and stage boundary; export."""
-    from mr1jax import sampling
+    from mr1jax.generate import sampler as sampling
     from mr1jax.export import export_checkpoint
 
     c = tiny_config(mode="sft_then_grpo", total_steps=4, **{"sft.steps": 2, "rl.ptst_stages": "6x2:2,12x2:2",

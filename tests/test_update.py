@@ -1,7 +1,7 @@
 """The GRPO / SFT updates and the log-prob pass: micro-batching, LM-head chunking, the sign of the update,
 mixed precision (fp32 master weights, bf16 compute) and the memory bound of chunking.
 
-The rollout batch is built exactly as the training loop builds it (`mr1jax.rollout.rollout_batch` on a tiny
+The rollout batch is built exactly as the training loop builds it (`mr1jax.trainer.rollout.rollout_batch` on a tiny
 model and the counting task), so the alignment of prompt, completion and log-probs is the loop's own.
 """
 
@@ -22,7 +22,7 @@ from mr1jax.data.tokenizer import load_tokenizer, model_token_ids
 from mr1jax.models.qwen2_vl import Qwen2VL, Qwen2VLConfig
 from mr1jax.rl.ptst import Stage
 from mr1jax.rl.update import GRPOConfig, SFTConfig, grpo_update, sft_update, token_logprobs
-from mr1jax.rollout import rollout_batch
+from mr1jax.trainer.rollout import rollout_batch
 
 PROMPTS, G, T, BUCKET, IMAGE = 4, 2, 8, 64, 56
 

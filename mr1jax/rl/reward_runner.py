@@ -1,7 +1,10 @@
 """A crash/timeout-proof batch runner for host-side reward functions: `RewardRunner`, `score_batch`.
 
-The reward functions themselves (answer parsing, format/accuracy rewards) live in `mr1jax.rl.rewards`,
-which re-exports this module's public names.
+The reward functions themselves (answer parsing, format/accuracy rewards) live in `mr1jax.rl.rewards`; this
+module imports them, never the other way round.
+
+Over 500 lines: one worker-pool protocol (start, load, task, deadline, kill / replace, shutdown) whose parts share
+the pool's state; split, each half would be unreadable without the other.
 
 **math_verify and timeouts.** math_verify bounds its own work with ``signal.alarm``, which raises outside the
 main thread. `mr1jax.rl.rewards` always calls it with ``parsing_timeout=None`` and ``timeout_seconds=None``,
@@ -44,6 +47,8 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from mr1jax.rl.rewards import load_math_verify
+
 __all__ = ["RewardFn", "RewardRunner", "close_default_runner", "score_batch"]
 
 logger = logging.getLogger(__name__)
@@ -73,9 +78,7 @@ def _set_parent_death_signal() -> None:
 def _warmup() -> None:
     """Import math_verify (sympy) and run one parse/verify so the first sample is not charged for it."""
     try:
-        from mr1jax.rl.rewards import _math_verify  # noqa: PLC0415  (rewards imports this module)
-
-        mv = _math_verify()
+        mv = load_math_verify()
         mv.verify(mv.parse("$1$", parsing_timeout=None), mv.parse("$1$", parsing_timeout=None), timeout_seconds=None)
     except Exception:  # a missing math_verify shows up as per-sample errors with the message
         pass

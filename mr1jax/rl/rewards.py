@@ -3,7 +3,8 @@
 Completions are expected in the R1 layout ``<think> ... </think> <answer> ... </answer>``.
 
 Rewards (all return a Python ``float``; every one has the ``fn(completion, ground_truth)`` signature that
-`RewardRunner` and `score_batch` call; those live in `mr1jax.rl.reward_runner`, re-exported here):
+`RewardRunner` and `score_batch` in `mr1jax.rl.reward_runner` call; the runner imports this module, never
+the other way round):
 
 - `format_reward`: 1.0 iff the whole completion (surrounding whitespace allowed) is
   ``<think>.*?</think>\\s*<answer>.*?</answer>`` (dot matches newline) with exactly one of each of the
@@ -63,11 +64,8 @@ __all__ = [
     "MAX_MATH_CHARS",
     "REWARD_KINDS",
     "AccuracyMode",
-    "RewardFn",
-    "RewardRunner",
     "accuracy_reward",
     "answers_match",
-    "close_default_runner",
     "combine_rewards",
     "extract_answer",
     "format_reward",
@@ -75,7 +73,6 @@ __all__ = [
     "othink_reward",
     "parse_choice",
     "parse_number",
-    "score_batch",
 ]
 
 logger = logging.getLogger(__name__)
@@ -334,7 +331,7 @@ class _DropTimeoutWarning(logging.Filter):
 _MV_QUIETED = False
 
 
-def _math_verify():
+def load_math_verify():
     """Import math_verify lazily (it pulls in sympy) and silence its "timeout disabled" warning."""
     global _MV_QUIETED
     import math_verify  # noqa: PLC0415  (hard dependency; lazy so the trainer process does not pay for sympy)
@@ -352,7 +349,7 @@ _DELIMITERS = ("$", "\\(", "\\[", "\\boxed")
 def _mv_parse(text: str) -> list:
     """math_verify.parse with signal timeouts off; bare LaTeX is wrapped in ``$…$`` first (``2\\sqrt{3}``
     parses as 2 without delimiters), falling back to the raw text if that finds nothing."""
-    mv = _math_verify()
+    mv = load_math_verify()
     text = _fold(text)
     if not any(d in text for d in _DELIMITERS):
         parsed = mv.parse(f"${text}$", parsing_timeout=None)
@@ -370,7 +367,7 @@ def _math_equal(answer: str, gold: str) -> bool:
     answer_parsed = _mv_parse(answer)
     if not gold_parsed or not answer_parsed:
         return False
-    return bool(_math_verify().verify(gold_parsed, answer_parsed, timeout_seconds=None))
+    return bool(load_math_verify().verify(gold_parsed, answer_parsed, timeout_seconds=None))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -473,6 +470,3 @@ def hard_format_result_reward(completion: str, ground_truth: object, *, mode: Ac
     acc = accuracy_reward(completion, ground_truth, mode=mode) if fmt == 1.0 else 0.0  # no parse when format fails
     return combine_rewards("hard", acc, fmt)
 
-
-# The timeout-proof batch runner (kept importable from here: ``rw.score_batch``, ``rw.RewardRunner``, ...).
-from mr1jax.rl.reward_runner import RewardFn, RewardRunner, close_default_runner, score_batch  # noqa: E402

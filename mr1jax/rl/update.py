@@ -6,9 +6,9 @@
 
 `params` is the model's `nnx.State` (fp32 master weights in training; the model's compute dtype, e.g. bf16,
 is applied inside each layer), `graphdef` its structure (`nnx.split(model)`); `beta` is a traced scalar (a KL
-schedule never recompiles the step). With LoRA (`mr1jax.lora`), `params` are the adapters only and the frozen
+schedule never recompiles the step). With LoRA (`mr1jax.models.lora`), `params` are the adapters only and the frozen
 base model is the extra `frozen` argument (``graphdef, params, frozen = nnx.split(model, LoRAParam, ...)``):
-gradients, the optimizer and donation see only the adapters. Explicitly sharded, donating jit wrappers live in `mr1jax.steps`.
+gradients, the optimizer and donation see only the adapters. Explicitly sharded, donating jit wrappers live in `mr1jax.trainer.state`.
 
 **Memory bounds.** Rows are grouped: the G completions of prompt p are rows p*G .. p*G+G-1 and share its
 image; the vision tower runs once per prompt and its features are repeated G times. Every pass is split into

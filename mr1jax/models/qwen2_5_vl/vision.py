@@ -31,7 +31,7 @@ from mr1jax.models.qwen2_vl import layers as nn
 from mr1jax.models.qwen2_vl.layers import Dense, RMSNorm
 from mr1jax.models.qwen2_vl.rope import vision_cos_sin
 from mr1jax.models.qwen2_vl.vision import VisionAttention, VisionTower
-from mr1jax.sharding import constrain_batch
+from mr1jax.parallel.sharding import constrain_batch
 
 
 class SwiGLU(nnx.Module):

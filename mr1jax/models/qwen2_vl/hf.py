@@ -25,8 +25,8 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
-from mr1jax import distributed
-from mr1jax import sharding as shd
+from mr1jax.parallel import distributed
+from mr1jax.parallel import sharding as shd
 from mr1jax.models.qwen2_vl.config import Qwen2VLConfig
 from mr1jax.models.qwen2_vl.model import Qwen2VL
 
@@ -200,7 +200,7 @@ def load_pretrained(path: str | os.PathLike, *, dtype=jnp.bfloat16, param_dtype=
     Args:
       path: directory with config.json and model.safetensors or model.safetensors.index.json.
       dtype: compute dtype; param_dtype: storage dtype (defaults to `dtype`).
-      mesh: when given, each parameter is created directly on its shards (`mr1jax.sharding` rules).
+      mesh: when given, each parameter is created directly on its shards (`mr1jax.parallel.sharding` rules).
       config: override the config read from `path`.
       remat: rematerialisation policy of the scanned layers (`Qwen2VL`, one of `REMAT_POLICIES`).
     Raises:

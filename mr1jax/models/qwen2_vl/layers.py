@@ -1,7 +1,7 @@
 """Small NNX building blocks whose parameters carry logical sharding axes.
 
 Every `nnx.Param` here has a ``logical_axes`` metadata tuple (one name per array dimension, or None);
-`mr1jax.sharding` maps those names to mesh axes. Parameters are stored in `param_dtype` and cast to
+`mr1jax.parallel.sharding` maps those names to mesh axes. Parameters are stored in `param_dtype` and cast to
 `dtype` for compute.
 """
 
@@ -21,7 +21,7 @@ def _init(rngs: nnx.Rngs, shape: tuple[int, ...], dtype, std: float = 0.02) -> j
 class Dense(nnx.Module):
     """y = x @ kernel (+ bias). kernel [in, out] with logical axes `axes`; bias [out].
 
-    Low-rank adapters (`mr1jax.lora.apply_lora`) set ``lora_a`` [in, r] and ``lora_b`` [r, out] (`LoRAParam`
+    Low-rank adapters (`mr1jax.models.lora.apply_lora`) set ``lora_a`` [in, r] and ``lora_b`` [r, out] (`LoRAParam`
     variables, stacked like the kernel in scanned layers) and ``lora_scale`` (alpha / r): the output then gains
     ``lora_scale * (x @ lora_a) @ lora_b``. Without adapters (the class defaults below) nothing changes.
     """
@@ -29,7 +29,7 @@ class Dense(nnx.Module):
     lora_a = None
     lora_b = None
     lora_scale = 1.0
-    # a quantised frozen base (`mr1jax.lora.quantize_base`): kernel holds int8 values or packed NF4 codes,
+    # a quantised frozen base (`mr1jax.models.lora.quantize_base`): kernel holds int8 values or packed NF4 codes,
     # kernel_scale their scales, quant the format ("int8" / "nf4"); dequantised to the compute dtype per call
     kernel_scale = None
     quant = None

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from mr1jax.models.qwen2_vl.config import TextConfig
-from mr1jax.sharding import constrain_batch
+from mr1jax.parallel.sharding import constrain_batch
 from mr1jax.models.qwen2_vl import layers as nn
 from mr1jax.models.qwen2_vl.layers import Dense, Embed, RMSNorm
 from mr1jax.models.qwen2_vl.rope import apply_rotary

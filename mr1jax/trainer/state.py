@@ -8,7 +8,7 @@ without running them) is built here:
     params, opt_state, metrics = update(state.params, state.opt_state, batch, beta)
 
 Shardings are explicit on the way in and out: parameters and optimizer state by the parameters' logical axes
-(`mr1jax.sharding`: FSDP over ``fsdp``, tensor parallel over ``tensor``), batch rows over (``data``,
+(`mr1jax.parallel.sharding`: FSDP over ``fsdp``, tensor parallel over ``tensor``), batch rows over (``data``,
 ``fsdp``), metrics replicated. Outputs are pinned to the input shardings so nothing drifts between steps
 and each step compiles once per static configuration (prompt bucket, PTST stage). Parameters and optimizer
 state are donated: the caller must not touch the old buffers after a call (an Orbax save copies arrays to
@@ -23,14 +23,16 @@ from typing import Any, Iterable
 import flax.struct
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from mr1jax import distributed
-from mr1jax import sharding as shd
+from mr1jax.parallel import distributed
+from mr1jax.parallel import sharding as shd
 from mr1jax.models.qwen2_vl.config import Qwen2VLConfig
+from mr1jax.trainer.config import ConfigError, phase_steps
 from mr1jax.rl.update import GRPOConfig, SFTConfig, grpo_update, sft_update, token_logprobs
 
 
@@ -39,7 +41,7 @@ class TrainState:
     """Everything a training step changes, as one pytree.
 
     params:     nnx.State of the policy (fp32 master weights); with LoRA only the adapters (the frozen base
-                lives outside the state, `mr1jax.lora.split_for_training`).
+                lives outside the state, `mr1jax.trainer.build.split_for_training`).
     opt_state:  optax state (moments in the parameter dtype).
     ref_params: frozen reference policy in the compute dtype, or None (beta == 0 throughout); with LoRA the
                 reference adapters (zeros = adapters disabled, or the SFT phase's adapters).
@@ -210,3 +212,24 @@ def batch_split_problems(mesh: Mesh, prompts: int, micro_batches: int, what: str
         return None, (f"{what}: micro-batches of {prompts // micro_batches} prompts do not split evenly over "
                       f"the {n} data x fsdp devices; rows will be moved between devices in each step")
     return None, None
+
+
+def check_mesh_fits(c: ml_collections.ConfigDict, mesh) -> list[str]:
+    """ConfigError unless every batch splits over the mesh's (data, fsdp) devices; returns warnings for
+    micro-batches that do not split evenly. With several processes, the prompts of a step and the batch devices
+    must split evenly over the processes (each owns whole prompt groups on its own devices)."""
+    n, batch_devices = jax.process_count(), mesh.shape["data"] * mesh.shape["fsdp"]
+    if n > 1 and (c.data.batch_size % n or batch_devices % n):
+        raise ConfigError(f"config.data.batch_size = {c.data.batch_size} and the mesh's data x fsdp = {batch_devices} "
+                          f"devices must both divide by the {n} processes")
+    checks = [(c.data.batch_size // c.rl.minibatches, c.rl.micro_batches,
+               "config.data.batch_size / rl.minibatches / rl.micro_batches")]
+    if phase_steps(c)[0]:
+        checks.append((c.data.batch_size, c.sft.micro_batches, "config.data.batch_size / sft.micro_batches"))
+    warnings = []
+    for prompts, micro, what in checks:
+        error, warning = batch_split_problems(mesh, prompts, micro, what)
+        if error:
+            raise ConfigError(error)
+        warnings += [warning] if warning else []
+    return warnings

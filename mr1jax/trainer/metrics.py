@@ -10,9 +10,9 @@ from typing import Any
 import numpy as np
 from etils import epath
 
-from mr1jax.checkpoint import is_url
+from mr1jax.parallel.storage import is_url
 
-from mr1jax.config import main_task_name, phase_steps
+from mr1jax.trainer.config import main_task_name, phase_steps
 
 
 def recent_step_time(times: list[float]) -> float:

@@ -36,7 +36,7 @@ import numpy as np
 from flax import nnx
 
 from mr1jax.models.qwen2_vl.model import Qwen2VL, attention_mask_4d, init_cache, prepare_inputs
-from mr1jax.sharding import local_batch_devices, shard_batch
+from mr1jax.parallel.sharding import local_batch_devices, shard_batch
 
 _TRACE_COUNT = [0]
 
@@ -330,7 +330,7 @@ def generate(model: Qwen2VL, input_ids, attention_mask, pixel_values=None, image
       model: the live policy (its current parameters are read; nothing is copied).
       input_ids, attention_mask: [B, L] left-padded prompts (numpy or jax); with several processes, this
         process's prompts (the rollouts are then global arrays over every process's prompts, in process order:
-        `mr1jax.distributed.local_rows` gives back this process's rows).
+        `mr1jax.parallel.distributed.local_rows` gives back this process's rows).
       pixel_values, image_grid_thw: images of the batch in row-major order, as `preprocess_images` gives.
       temperature: 0 = greedy. top_k: 0 = off. top_p: 1 = off. All traced: changing them never recompiles.
       eos_token_ids: stop ids (default: the model config's).

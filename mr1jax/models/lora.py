@@ -18,7 +18,7 @@ text decoder (Qwen2-VL, Qwen2.5-VL).
 model (what `hf.save_pretrained`, `sharding.shard_model` and checkpoints of full fine-tuning read), and
 ``nnx.split(model, LoRAParam, ...)`` separates the trainable adapters from the frozen base. Adapters carry
 ``logical_axes`` like the kernel they adapt (input axis on A, output axis on B, ``lora_rank`` replicated), so
-`mr1jax.sharding.param_shardings` shards them by the same rules.
+`mr1jax.parallel.sharding.param_shardings` shards them by the same rules.
 """
 
 from __future__ import annotations
@@ -34,8 +34,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from mr1jax import distributed
-from mr1jax import sharding as shd
+from mr1jax.parallel import distributed
+from mr1jax.parallel.storage import local_input_dir, local_output_dir
+from mr1jax.parallel import sharding as shd
 from mr1jax.models.qwen2_vl.layers import Dense
 
 
@@ -205,7 +206,7 @@ def merge_lora(model: nnx.Module) -> nnx.Module:
 
 
 def shard_adapters(model: nnx.Module, mesh) -> nnx.Module:
-    """Place every adapter on its shards (by its logical axes; `mr1jax.sharding` rules) in place."""
+    """Place every adapter on its shards (by its logical axes; `mr1jax.parallel.sharding` rules) in place."""
     state = nnx.state(model, LoRAParam)
     sh = shd.param_shardings(state, mesh)
     nnx.update(model, jax.tree.map(lambda x, s: jax.device_put(x, s), state, sh))
@@ -222,35 +223,6 @@ def num_params(state: nnx.State) -> int:
 
 
 # ----------------------------------------------------------------------------------------- training split
-def split_for_training(model: nnx.Module, c, mesh, *, seed: int | None = None):
-    """(graphdef, trainable params, frozen base or None) of the policy a training config asks for.
-
-    ``lora.rank == 0``: full fine-tuning, ``nnx.split(model)`` and no frozen part. Otherwise adapters are
-    attached (``lora.*``), placed on `mesh`, and the model split into the adapters (what is trained,
-    checkpointed and optimised) and the frozen base (passed to the jitted steps as a non-donated argument).
-    ``lora.init_from``: a PEFT adapter directory whose values replace the fresh adapters (continued training;
-    its layers must be among the targets and have the configured rank)."""
-    cfg = LoRAConfig.from_config(c)
-    if cfg.rank == 0:
-        graphdef, params = nnx.split(model)
-        return graphdef, params, None
-    from mr1jax.build import model_dtypes
-
-    apply_lora(model, cfg, seed=c.seed if seed is None else seed, dtype=model_dtypes(c)[1])   # fp32 master adapters
-    if c.lora.get("init_from", ""):          # continue from PEFT adapters (their rank / alpha for those layers)
-        try:
-            got = load_peft(model, c.lora.init_from, dtype=model_dtypes(c)[1])
-        except (OSError, ValueError) as e:
-            raise ValueError(f"lora.init_from = {c.lora.init_from!r}: {e}") from None
-        if got.rank != cfg.rank:
-            raise ValueError(f"lora.init_from = {c.lora.init_from!r} holds rank-{got.rank} adapters; set "
-                             f"lora.rank = {got.rank} (it is {cfg.rank})")
-    quantize_base(model, c.lora.get("base_quant", "none"))
-    sharding_of = shd.param_shardings(nnx.state(model, nnx.Param), mesh)      # quantised kernels + scales
-    nnx.update(model, jax.tree.map(lambda x, s: jax.device_put(x, s), nnx.state(model, nnx.Param), sharding_of))
-    shard_adapters(model, mesh)
-    graphdef, adapters, base = nnx.split(model, LoRAParam, ...)
-    return graphdef, adapters, base
 
 
 # ----------------------------------------------------------------------------------------- PEFT format
@@ -321,9 +293,7 @@ def save_peft(model: nnx.Module, path: str | os.PathLike, cfg: LoRAConfig, *, ba
     if not distributed.is_primary():                      # process 0 writes; the others wait until it has
         distributed.sync(f"mr1jax_save_peft_{path}")
         return path
-    os.makedirs(path, exist_ok=True)
     modules = [n for names in peft_module_names(model, hf_key).values() for n in names]
-    write_safetensors(os.path.join(path, ADAPTER_WEIGHTS), tensors)
     config = {
         "peft_type": "LORA", "task_type": None, "base_model_name_or_path": base_model or None,
         "r": cfg.rank, "lora_alpha": cfg.alpha, "lora_dropout": cfg.dropout, "bias": "none",
@@ -332,8 +302,10 @@ def save_peft(model: nnx.Module, path: str | os.PathLike, cfg: LoRAConfig, *, ba
         "rank_pattern": {}, "alpha_pattern": {}, "layers_to_transform": None, "layers_pattern": None,
         "revision": None,
     }
-    with open(os.path.join(path, ADAPTER_CONFIG), "w") as f:
-        json.dump(config, f, indent=2)
+    with local_output_dir(path) as out:                   # an object-store path: staged, then copied up
+        write_safetensors(os.path.join(out, ADAPTER_WEIGHTS), tensors)
+        with open(os.path.join(out, ADAPTER_CONFIG), "w") as f:
+            json.dump(config, f, indent=2)
     distributed.sync(f"mr1jax_save_peft_{path}")
     return path
 
@@ -360,12 +332,21 @@ def load_peft(model: nnx.Module, path: str | os.PathLike, *, hf_key: Callable | 
     from mr1jax.models.qwen2_vl.hf import SafetensorsFile
 
     path = os.fspath(path)
-    with open(os.path.join(path, ADAPTER_CONFIG)) as f:
-        pc = json.load(f)
-    if pc.get("peft_type", "LORA") != "LORA" or pc.get("use_dora") or pc.get("use_rslora") \
-            or pc.get("rank_pattern") or pc.get("alpha_pattern"):
-        raise ValueError(f"{path}: only plain LoRA adapters (one rank and alpha, no DoRA / rsLoRA) can be loaded")
-    f = SafetensorsFile(os.path.join(path, ADAPTER_WEIGHTS))
+    with local_input_dir(path, (ADAPTER_CONFIG, ADAPTER_WEIGHTS)) as local:   # an object store: copied down
+        with open(os.path.join(local, ADAPTER_CONFIG)) as f:
+            pc = json.load(f)
+        if pc.get("peft_type", "LORA") != "LORA" or pc.get("use_dora") or pc.get("use_rslora") \
+                or pc.get("rank_pattern") or pc.get("alpha_pattern"):
+            raise ValueError(f"{path}: only plain LoRA adapters (one rank and alpha, no DoRA / rsLoRA) can be "
+                             "loaded")
+        f = SafetensorsFile(os.path.join(local, ADAPTER_WEIGHTS))
+        arrays = {key: np.array(f[key]) for key in f.keys()}            # copies: the staged files go
+    return _attach_peft(model, path, pc, arrays, hf_key=hf_key, mesh=mesh, dtype=dtype)
+
+
+def _attach_peft(model: nnx.Module, path: str, pc: dict[str, Any], f: dict[str, np.ndarray], *,
+                 hf_key: Callable | None, mesh, dtype) -> LoRAConfig:
+    """`load_peft` once the files are read: `pc` the adapter config, `f` tensor name -> array."""
     tensors: dict[str, dict[str, str]] = {}
     for key in f.keys():
         part = "A" if ".lora_A" in key else "B" if ".lora_B" in key else None
@@ -455,22 +436,3 @@ def adapters_from_peft(graphdef: nnx.GraphDef, adapters: nnx.State, base: nnx.St
 
 
 # ----------------------------------------------------------------------------------------- run checkpoints
-def restore_run_adapters(model: nnx.Module, c, workdir: str, step: int, restore: Callable[[nnx.State], nnx.State]
-                         ) -> nnx.Module:
-    """Attach to the base `model` (built from run config `c`) the adapters of checkpoint `step` of the LoRA run
-    in `workdir` (in place; returns the model). `restore(abstract adapters) -> adapters` reads the checkpoint's
-    ``params`` subtree. For an RL checkpoint of a ``lora.sft_to_rl = "merge"`` run, the SFT adapters saved at
-    the boundary (``<workdir>/sft_adapters``) are first folded into the base, as in training."""
-    from mr1jax.config import phase_steps
-
-    from mr1jax.build import model_dtypes
-
-    cfg = LoRAConfig.from_config(c)
-    apply_lora(model, cfg, seed=c.seed, dtype=model_dtypes(c)[1])
-    quantize_base(model, c.lora.get("base_quant", "none"))
-    graphdef, adapters, base = nnx.split(model, LoRAParam, ...)
-    sft_steps, rl_steps = phase_steps(c)
-    if c.lora.sft_to_rl == "merge" and sft_steps and rl_steps and step > sft_steps:
-        sft = adapters_from_peft(graphdef, adapters, base, os.path.join(workdir, "sft_adapters"))
-        _, base = fold_adapters(graphdef, sft, base, seed=c.seed + 1)
-    return nnx.merge(graphdef, restore(adapters), base)

@@ -5,11 +5,12 @@ from __future__ import annotations
 import jax
 import numpy as np
 
-from mr1jax import distributed
+from mr1jax.parallel import distributed
 from mr1jax.models.qwen2_vl import prepare_inputs
+from mr1jax.rl import reward_runner
 from mr1jax.rl import rewards as rw
 from mr1jax.rl.ptst import Stage
-from mr1jax.sampling import generate
+from mr1jax.generate.sampler import generate
 
 
 def decode_completions(tokenizer, tokens: np.ndarray, mask: np.ndarray) -> list[str]:
@@ -22,19 +23,19 @@ def reward_parts(completions: list[str], answers: list[str], timeout_s: float) -
 
     `rw.combine_rewards` (the `rw.REWARD_KINDS` table) turns them into the reward of ``config.rl.reward``.
     """
-    acc, stats = rw.score_batch(rw.accuracy_reward, completions, answers, timeout_s=timeout_s)
+    acc, stats = reward_runner.score_batch(rw.accuracy_reward, completions, answers, timeout_s=timeout_s)
     fmt = np.array([rw.format_reward(t) for t in completions], np.float32)
     return acc, fmt, stats
 
 
 def rollout_batch(model, tokenizer, batch, stage: Stage, c, rng, mesh=None) -> tuple[dict[str, np.ndarray], dict]:
     """Sample G completions per prompt (on `mesh`, prompts split over its batch axes), score them, and build
-    the update batch (host numpy arrays; `mr1jax.steps.put_batch` places them on the mesh).
+    the update batch (host numpy arrays; `mr1jax.trainer.state.put_batch` places them on the mesh).
 
     With several processes `batch` holds this process's prompts: the sampler runs over every process's prompts
     at once, and this process decodes and scores the completions of its own prompts only (a prompt's G samples
     stay on the process that owns the prompt). The advantages are computed on device from the global rewards
-    (`mr1jax.steps.jit_advantages`), so every process uses the same values; the logged statistics are over the
+    (`mr1jax.trainer.state.jit_advantages`), so every process uses the same values; the logged statistics are over the
     global batch.
 
     Returns ({input_ids, attention_mask [R, L+T], position_ids [3, R, L+T], pixel_values, patch_pos,

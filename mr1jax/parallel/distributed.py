@@ -7,7 +7,7 @@ pixels and tokens, scores those rows' rewards, and hands them to the mesh with `
 split over the processes in order: process 0 holds the first `1/n` of the global rows). `local_rows` brings
 the rows a process owns back to it. With one process all of this is the identity, so there is one code path.
 
-    from mr1jax import distributed
+    from mr1jax.parallel import distributed
     distributed.initialize(config.distributed)      # no-op on one process
     g = distributed.to_global(local_rows_np, sharding)   # [rows_local * n, ...] global array
     mine = distributed.local_rows(g)                      # [rows_local, ...] numpy, this process's rows

@@ -3,7 +3,7 @@
     state, metrics = sft_step(state, fns, examples, ...)
     state, metrics = rl_step(state, fns, prompts, stage, beta, ...)
 
-`StepFunctions` holds the run's jitted steps (from `mr1jax.steps`), compiled once per static configuration:
+`StepFunctions` holds the run's jitted steps (from `mr1jax.trainer.state`), compiled once per static configuration:
 one SFT step, and per PTST stage one GRPO update, one reference pass and (with several updates per batch)
 one pi_old pass. `compile_counts()` reports how many executables each holds.
 
@@ -25,18 +25,19 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh
 
-from mr1jax import steps as st
+from mr1jax.trainer import state as st
 from mr1jax.data.sft import sft_batch, sft_update_batch
 from mr1jax.rl.ptst import Stage
 from mr1jax.rl.update import GRPOConfig, SFTConfig
-from mr1jax.rollout import rollout_batch, select_groups
+from mr1jax.trainer.config import updates_per_rl_step
+from mr1jax.trainer.rollout import rollout_batch, select_groups
 
 # Metrics of several updates in one RL step combine like this (the rest: mean over updates).
 _COMBINE = {"ratio_min": min, "ratio_max": max, "sampler_gap_max": max, "skipped": sum}
 
 
 class StepFunctions:
-    """The jitted, explicitly sharded steps of one run (see `mr1jax.steps`), built lazily and cached by their
+    """The jitted, explicitly sharded steps of one run (see `mr1jax.trainer.state`), built lazily and cached by their
     static configuration."""
 
     def __init__(self, graphdef: nnx.GraphDef, mesh: Mesh, shardings: st.TrainState, *,
@@ -84,7 +85,7 @@ class StepFunctions:
             return fn(params, batch, *self._extra())
 
     def advantages(self, rewards, num_samples: int, scale: str):
-        """Group advantages [R] from the global rewards [R], on device (`mr1jax.steps.jit_advantages`)."""
+        """Group advantages [R] from the global rewards [R], on device (`mr1jax.trainer.state.jit_advantages`)."""
         return self._get(("advantages", num_samples, scale), lambda: st.jit_advantages(self.mesh, num_samples, scale))(
             rewards)
 
@@ -118,10 +119,6 @@ def grpo_config(c: ml_collections.ConfigDict, stage: Stage, *, whole_batch: bool
                       patch_segments=per_update // c.rl.micro_batches * images_per_prompt(c),
                       logit_chunk=c.model.logit_chunk)
 
-
-def updates_per_rl_step(c: ml_collections.ConfigDict) -> int:
-    """Optimizer steps per RL step: mu passes x mini-batches."""
-    return c.rl.updates_per_batch * c.rl.minibatches
 
 
 def sft_step(state: st.TrainState, fns: StepFunctions, tokenizer, model_config, examples: list[dict], *,
@@ -190,7 +187,7 @@ def start_rl(state: st.TrainState, fns: StepFunctions, *, kl_on: bool, ref_dtype
     which becomes the reference (adapters disabled), and RL trains fresh adapters drawn from that seed."""
     params, ref = state.params, None
     if fns.frozen is not None and lora_merge_seed is not None:
-        from mr1jax import lora
+        from mr1jax.models import lora
 
         params, fns.frozen = lora.fold_adapters(fns.graphdef, params, fns.frozen, seed=lora_merge_seed)
         if kl_on:

@@ -17,7 +17,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from mr1jax import distributed
+from mr1jax.parallel import distributed
 
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
@@ -149,7 +149,7 @@ def batch_sharding(mesh: Mesh, ndim: int, batch_dim: int = 0) -> NamedSharding:
 
 def shard_batch(mesh: Mesh, array: np.ndarray | jax.Array, batch_dim: int = 0) -> jax.Array:
     """Place a batch on the mesh, split along `batch_dim` over (data, fsdp). With several processes `array` is
-    this process's rows (`mr1jax.distributed.to_global`); they must split over its share of the batch devices."""
+    this process's rows (`mr1jax.parallel.distributed.to_global`); they must split over its share of the batch devices."""
     n = local_batch_devices(mesh)
     if array.shape[batch_dim] % n:
         raise ValueError(f"batch dimension {array.shape[batch_dim]} is not divisible by data*fsdp = {n}"

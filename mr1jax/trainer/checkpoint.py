@@ -39,7 +39,9 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
-from mr1jax import distributed
+from mr1jax.parallel import distributed
+from mr1jax.parallel.storage import is_url
+from mr1jax.trainer import state as st
 
 
 class CheckpointMismatchError(ValueError):
@@ -52,11 +54,6 @@ class CheckpointCorruptError(RuntimeError):
 
 class NonFiniteStateError(RuntimeError):
     """The state to save holds NaN or inf values (it is never written)."""
-
-
-def is_url(path: str | os.PathLike) -> bool:
-    """A work dir on an object store or other `etils.epath` file system (``gs://...``), not a local path."""
-    return "://" in os.fspath(path)
 
 
 def _absolute(path: str | os.PathLike) -> str:
@@ -413,3 +410,39 @@ class PreemptionGuard:
         for s, old in self._old.items():
             signal.signal(s, old)
         self._old.clear()
+
+
+def checkpoint_tree(state: st.TrainState) -> dict[str, Any]:
+    """What a checkpoint holds: parameters, optimizer state, RNG and, when present, the reference."""
+    tree = {"params": state.params, "opt_state": state.opt_state, "rng": state.rng}
+    if state.ref_params is not None:
+        tree["ref_params"] = state.ref_params
+    return tree
+
+
+def restore_state(ckpt: Checkpointer, state: st.TrainState, data_iter, *, with_ref_after: int | None,
+                  ref_dtype, warn=print) -> tuple[st.TrainState, dict[str, Any]]:
+    """(`state` from the newest good checkpoint (and the data iterator's position), its meta), or (`state`, {})
+    without one. A corrupt checkpoint is reported through `warn` and the previous one used
+    (`Checkpointer.restore_latest_good`).
+
+    with_ref_after: a checkpoint of step >= this holds the reference (the SFT model); None = never saved (the
+    reference is the starting model, rebuilt at start).
+    """
+    def tree_for(step: int) -> dict[str, Any]:
+        tree = checkpoint_tree(state)
+        if with_ref_after is not None and step >= with_ref_after and state.ref_params is None:
+            tree["ref_params"] = jax.tree.map(lambda x: jax.ShapeDtypeStruct(
+                x.shape, ref_dtype if jax.numpy.issubdtype(x.dtype, jax.numpy.floating) else x.dtype,
+                sharding=x.sharding), state.params)
+        elif with_ref_after is not None and step < with_ref_after:
+            tree.pop("ref_params", None)
+        return tree
+
+    found = ckpt.restore_latest_good(tree_for, data_iterator=data_iter, warn=warn)
+    if found is None:
+        return state, {}
+    _, restored, meta = found
+    return st.TrainState(params=restored["params"], opt_state=restored["opt_state"],
+                         ref_params=restored.get("ref_params", state.ref_params if with_ref_after is None else None),
+                         rng=restored["rng"], step=int(meta["step"])), meta

@@ -2,7 +2,7 @@
 
 Every allowed-value table is the owning module's own: loss aggregations (`mr1jax.rl.losses`), KL
 estimators and beta schedules (`mr1jax.rl.kl`), advantage scales (`mr1jax.rl.advantages`), reward kinds
-(`mr1jax.rl.rewards`), synthetic tasks (`mr1jax.data.tasks`), model dtypes (`mr1jax.build`), remat policies
+(`mr1jax.rl.rewards`), synthetic tasks (`mr1jax.data.tasks`), model dtypes (`mr1jax.trainer.build`), remat policies
 (`mr1jax.models.qwen2_vl.model`); the run
 modes are this module's (`MODES`).
 """
@@ -13,13 +13,13 @@ import difflib
 import json
 from typing import Any
 
+import jax.numpy as jnp
 import ml_collections
 import optax
 
-from mr1jax.build import MODEL_DTYPES
-from mr1jax.distributed import MODES as DISTRIBUTED_MODES
-from mr1jax.distributed import requested as distributed_requested
-from mr1jax.lora import BASE_QUANT, PRESETS, SFT_TO_RL, target_regex
+from mr1jax.parallel.distributed import MODES as DISTRIBUTED_MODES
+from mr1jax.parallel.distributed import requested as distributed_requested
+from mr1jax.models.lora import BASE_QUANT, PRESETS, SFT_TO_RL, target_regex
 from mr1jax.data.tasks import TASKS
 from mr1jax.models.families import FAMILIES
 from mr1jax.models.qwen2_vl.model import REMAT_POLICIES
@@ -29,6 +29,16 @@ from mr1jax.rl.rewards import REWARD_KINDS
 
 #: ``config.mode``: GRPO only, SFT only, or cold-start SFT then GRPO.
 MODES: tuple[str, ...] = ("grpo", "sft", "sft_then_grpo")
+
+
+#: ``config.model.dtype`` / ``config.model.param_dtype`` values.
+MODEL_DTYPES: tuple[str, ...] = ("float32", "bfloat16")
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def model_dtypes(c: ml_collections.ConfigDict) -> tuple[Any, Any]:
+    """(compute dtype, parameter storage dtype) from ``config.model.dtype`` / ``config.model.param_dtype``."""
+    return DTYPES[c.model.dtype], DTYPES[c.model.get("param_dtype", "float32")]
 
 
 class ConfigError(ValueError):
@@ -310,3 +320,24 @@ def main_task_name(c: ml_collections.ConfigDict) -> str:
     """The key of the training task's metrics: the synthetic task's name, or "eval" for the user's files."""
     return "eval" if user_data(c) else c.data.task
 
+
+def make_optimizers(c: ml_collections.ConfigDict) -> tuple[optax.GradientTransformation | None,
+                                                           optax.GradientTransformation]:
+    """(SFT optimizer or None, RL optimizer): the same structure, so checkpoints of either phase match.
+
+    SFT: warmup + cosine over the SFT steps. RL: constant after `optim.warmup_steps` RL steps (the schedule
+    counts RL steps, however many optimizer steps each takes)."""
+    sft_steps, _ = phase_steps(c)
+    per_step = updates_per_rl_step(c)
+    warm = optax.warmup_constant_schedule(0.0, c.optim.learning_rate, c.optim.warmup_steps) \
+        if c.optim.warmup_steps else optax.constant_schedule(c.optim.learning_rate)
+    rl_lr = lambda n: warm(n // per_step)  # noqa: E731  (a schedule even when constant: one state structure)
+    sft_tx = make_optimizer(optax.warmup_cosine_decay_schedule(
+        0.0, c.sft.learning_rate, max(1, int(c.sft.warmup_fraction * sft_steps)), max(sft_steps, 2)), c) \
+        if sft_steps else None
+    return sft_tx, make_optimizer(rl_lr, c)
+
+
+def updates_per_rl_step(c: ml_collections.ConfigDict) -> int:
+    """Optimizer steps per RL step: mu passes x mini-batches."""
+    return c.rl.updates_per_batch * c.rl.minibatches
