@@ -53,8 +53,15 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.tfds_data_dir = ""   # where a TFDS dataset *name* is looked up ("" = TFDS's: $TFDS_DATA_DIR)
     c.data.fields = "generic"   # field preset: generic | geometry3k | easyr1 | r1v | superclevr
     c.data.skip_bad_rows = False
-    c.data.image_size = 56      # every image resized to image_size x image_size (multiple of 28)
-    c.data.images_per_prompt = 1  # images every row carries (fields "easyr1": the whole `images` list)
+    c.data.image_size = 56      # every image resized to image_size x image_size (multiple of 28); 0 = native
+                                # resolution: each image keeps its aspect ratio and gets its own patch grid
+    c.data.min_pixels = 56 * 56  # native resolution: least / largest resized area per image (Qwen processor's
+    c.data.max_pixels = 28 * 28 * 1280  # defaults); prompts padded to a per-prompt patch bucket:
+    c.data.patch_buckets = ""   # comma-separated patch counts ("" = 1/8 ... 1 of images_per_prompt x max_pixels/196)
+    c.data.scene_size = 112     # synthetic tasks' square scene side under native resolution
+    c.data.mixed_sizes = False  # synthetic tasks: scenes on canvases of varied size / aspect ratio (1/3 to 3)
+    c.data.images_per_prompt = 1  # images every row carries (fields "easyr1": the whole `images` list; native
+                                  # resolution: the most a row carries, 0 up to it)
     c.data.prompt_bucket = 64   # prompts left-padded to this length
     c.data.batch_size = 16      # prompts per step
     c.data.question_template = (

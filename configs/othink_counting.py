@@ -32,8 +32,9 @@ def get_config():
     c.sft.annotator_miss_rate = 0.0  # (mode sft_then_grpo) use your SFT rows as they are
     c.data.train_files = "clevr_counting.jsonl"
     c.data.eval_files = "superclevr200.jsonl"
-    c.data.image_size = 392          # fixed bucket; max_pixels 401408 in the paper (~ 633 x 633)
-    c.data.prompt_bucket = 384
+    c.data.image_size = 0            # native resolution, as the paper: max_pixels 401,408 (<= 512 image tokens)
+    c.data.max_pixels = 401408
+    c.data.prompt_bucket = 640       # 512 image tokens + the question and template
     c.data.batch_size = 16
     c.data.question_template = (
         "{question} Output the thinking process in <think> </think> and final answer (number) in "

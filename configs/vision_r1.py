@@ -38,7 +38,8 @@ def get_config():
     c.data.fields = "geometry3k"
     c.data.train_files = "vision_r1_rl_10k.parquet"
     c.data.eval_files = "mathvista_testmini.parquet"
-    c.data.image_size = 448
+    c.data.image_size = 0            # native resolution; max_pixels = 448 x 448 (<= 256 image tokens per image: the
+    c.data.max_pixels = 448 * 448    # paper gives no limit, this keeps the earlier fixed 448 px token budget)
     c.data.prompt_bucket = 512
     c.data.batch_size = 16
     c.data.question_template = "{question}"

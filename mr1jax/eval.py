@@ -74,7 +74,11 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--data_seed", type=int, help="seed of a synthetic task (default: the run's seed, else 0)")
     data.add_argument("--skip_bad_rows", action="store_true",
                       help="skip rows that fail to load or do not fit the prompt bucket (counted in num_skipped)")
-    data.add_argument("--image_size", type=int, help="images resized to N x N (multiple of 28)")
+    data.add_argument("--image_size", type=int, help="images resized to N x N (multiple of 28); 0 = native "
+                                                     "resolution (each image its own grid)")
+    data.add_argument("--min_pixels", type=int, help="native resolution: least resized area per image (default: "
+                                                     "the run's, else the Qwen processor's)")
+    data.add_argument("--max_pixels", type=int, help="native resolution: largest resized area per image")
     data.add_argument("--prompt_bucket", type=int, help="prompts left-padded to this many tokens")
     data.add_argument("--question_template", help="user text; {question} is replaced by the row's question")
     dec = p.add_argument_group("decoding")

@@ -27,6 +27,7 @@ parser.add_argument("--slow_reward_on", type=int, default=-1)
 parser.add_argument("--sleep_per_step", type=float, default=0.0)
 parser.add_argument("--family", default="qwen2_vl")
 parser.add_argument("--lora_rank", type=int, default=0)
+parser.add_argument("--native", type=int, default=0, help="1: native resolution on mixed image sizes")
 args = parser.parse_args()
 os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={args.devices}"
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -79,6 +80,9 @@ def config():
     c.model.logit_chunk = 4
     c.checkpoint.every_steps = 1
     c.model.family = args.family
+    if args.native:                  # images of several sizes, each at its own grid, padded per prompt
+        c.data.image_size, c.data.mixed_sizes, c.data.scene_size = 0, True, 56
+        c.data.min_pixels, c.data.max_pixels, c.data.prompt_bucket = 28 * 28, 112 * 112, 96
     if args.lora_rank:
         c.lora.rank, c.lora.alpha = args.lora_rank, 2.0 * args.lora_rank
     if args.processes > 1:

@@ -253,3 +253,16 @@ def test_qwen25vl_with_lora_on_two_processes_equals_one_process(tmp_path):
     assert a.keys() == b.keys() and a
     for k in a:
         np.testing.assert_allclose(b[k], a[k], atol=0.5 * LR, rtol=0, err_msg=k)
+
+
+@pytest.mark.slow
+def test_native_resolution_on_two_processes_equals_one_process(tmp_path):
+    """Mixed image sizes at native resolution: every process pads its share of a global batch to the bucket of
+    the whole batch (read from the rows' headers), so 2 processes equal 1 process step by step."""
+    two, one = tmp_path / "two", tmp_path / "one"
+    outputs = _run(two, native=1)
+    _run(one, processes=1, native=1)
+    _assert_same_run(str(one), str(two), exact=False)
+    buckets = {r.get("patch_bucket") for r in _steps(str(two))}
+    assert None not in buckets and len(buckets) >= 1
+    assert all(r["processes"] == 2 for r in _results(outputs))

@@ -50,7 +50,6 @@ so an image span is never split and the image features always match the image to
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -58,9 +57,13 @@ from typing import Any
 import grain
 import numpy as np
 
-from mr1jax.data.chat import IMAGE_PAD_TOKEN, build_messages, format_prompts
+from mr1jax.data.chat import IMAGE_PAD_TOKEN, build_messages
+from mr1jax.data.examples import IN_MEMORY, example_images, num_images, where
+from mr1jax.data.batching import (Collate, PrepareExample, PrepareNative, RLBatch, ShareOfBatches, WithBucket,
+                                  as_list, native_fields, render_question)
 from mr1jax.data.rows import DataError
-from mr1jax.data.vision import num_image_tokens, preprocess_images
+from mr1jax.data.sizing import ImageSizing
+from mr1jax.data.vision import DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS
 
 __all__ = ["RLBatch", "example_images", "make_rl_dataset", "patches_per_image", "prepare_source", "render_question"]
 
@@ -68,47 +71,7 @@ logger = logging.getLogger(__name__)
 
 _FACTOR = 28  # patch_size * merge_size
 _PATCH = 14
-_IN_MEMORY = "<in-memory source>"
 
-
-@dataclasses.dataclass(frozen=True)
-class RLBatch:
-    """One batch of prompts for the RL sampler (host numpy arrays).
-
-    Attributes:
-      input_ids: ``[B, L] int32``, left-padded with the tokenizer's pad id.
-      attention_mask: ``[B, L] int32``, 0 on left padding.
-      pixel_values: ``[B * k * P, 1176] float32``, image by image in row order (k images per row).
-      image_grid_thw: ``[B * k, 3] int64``, every row ``(1, H/14, W/14)``.
-      answers: ``[B]`` object array of ground-truth answer strings.
-      ids: ``[B]`` object array of example ids.
-      questions: ``[B]`` object array of the raw question strings (before templating).
-    """
-
-    input_ids: np.ndarray
-    attention_mask: np.ndarray
-    pixel_values: np.ndarray
-    image_grid_thw: np.ndarray
-    answers: np.ndarray
-    ids: np.ndarray
-    questions: np.ndarray
-
-    @property
-    def batch_size(self) -> int:
-        return int(self.input_ids.shape[0])
-
-    @property
-    def seq_len(self) -> int:
-        return int(self.input_ids.shape[1])
-
-    def model_inputs(self) -> dict[str, np.ndarray]:
-        """The numeric arrays, keyed as the model's arguments."""
-        return {
-            "input_ids": self.input_ids,
-            "attention_mask": self.attention_mask,
-            "pixel_values": self.pixel_values,
-            "image_grid_thw": self.image_grid_thw,
-        }
 
 
 def _check_image_size(image_size: int | Sequence[int]) -> tuple[int, int]:
@@ -131,40 +94,25 @@ def patches_per_image(image_size: int | Sequence[int]) -> int:
     return (h // _PATCH) * (w // _PATCH)
 
 
-def render_question(question: str, question_template: str) -> str:
-    """``question_template`` with ``{question}`` replaced (plain replacement, so other braces --
-    e.g. ``\\boxed{}`` -- are left alone)."""
-    return question_template.replace("{question}", question)
-
-
-def _where(example: Mapping[str, Any]) -> tuple[str, int | None]:
-    return str(example.get("file", _IN_MEMORY)), example.get("row")
-
 
 def _prompt_length_error(example: Mapping[str, Any], length: int, max_bucket: int) -> DataError:
-    file, row = _where(example)
+    file, row = where(example)
     return DataError(file, row, "question",
                      f"prompt has {length} tokens (with its image tokens), more than the largest prompt bucket "
                      f"{max_bucket}; prompts are never cut (an image span would be split): raise the bucket "
                      "(data.prompt_bucket) or skip such rows (data.skip_bad_rows)")
 
 
-def example_images(example: Mapping[str, Any]) -> list[Any]:
-    """The images of an example, in prompt order: ``example["images"]`` or ``[example["image"]]``."""
-    images = example.get("images")
-    return list(images) if images is not None else [example["image"]]
 
-
-def _num_images(example: Mapping[str, Any]) -> int:
-    if "num_images" in example:
-        return int(example["num_images"])
-    return len(example_images(example)) if ("images" in example or "image" in example) else 1
-
-
-def _image_count_error(example: Mapping[str, Any], count: int, images_per_prompt: int) -> DataError:
-    file, row = _where(example)
+def _image_count_error(example: Mapping[str, Any], count: int, images_per_prompt: int, native: bool = False
+                       ) -> DataError:
+    file, row = where(example)
+    if native:
+        return DataError(file, row, "image", f"row has {count} image(s), more than images_per_prompt = "
+                         f"{images_per_prompt}")
     return DataError(file, row, "image", f"row has {count} image(s); every prompt of a batch must carry "
                      f"images_per_prompt = {images_per_prompt} (static shapes)")
+
 
 
 class _Rows(Sequence):
@@ -180,7 +128,7 @@ class _Rows(Sequence):
     def __getitem__(self, index):  # type: ignore[override]
         i = int(self._indices[index])
         example = dict(self._source[i])
-        example.setdefault("file", _IN_MEMORY)
+        example.setdefault("file", IN_MEMORY)
         example.setdefault("row", i + 1)
         example.setdefault("id", f"{i}")
         return example
@@ -193,18 +141,23 @@ def _text_fields(source: Sequence[Mapping[str, Any]], i: int) -> Mapping[str, An
     getter = getattr(source, "text_fields", None)  # RowSource: skips the (Parquet) image read
     example = getter(i) if getter is not None else source[i]
     if getter is None:
-        example = {"file": _IN_MEMORY, "row": i + 1, **example}
+        example = {"file": IN_MEMORY, "row": i + 1, **example}
     return example
 
 
 def _prompt_text(tokenizer: Any, question: str, *, system_prompt: str | None, question_template: str,
-                 image_tokens: int, num_images: int = 1) -> str:
+                 image_tokens: int | Sequence[int], num_images: int = 1) -> str:
+    """The rendered prompt with each image's placeholder expanded to its token count (one count for every
+    image, or one per image)."""
     conversation = build_messages(render_question(question, question_template), num_images, system_prompt)
     text = tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
     if text.count(IMAGE_PAD_TOKEN) != num_images:
         raise ValueError(f"chat template rendered {text.count(IMAGE_PAD_TOKEN)} {IMAGE_PAD_TOKEN!r} "
                          f"placeholders for {num_images} image(s)")
-    return text.replace(IMAGE_PAD_TOKEN, IMAGE_PAD_TOKEN * image_tokens)
+    if isinstance(image_tokens, (int, np.integer)):
+        return text.replace(IMAGE_PAD_TOKEN, IMAGE_PAD_TOKEN * int(image_tokens))
+    parts = text.split(IMAGE_PAD_TOKEN)
+    return parts[0] + "".join(IMAGE_PAD_TOKEN * int(n) + rest for n, rest in zip(image_tokens, parts[1:]))
 
 
 def prepare_source(
@@ -218,8 +171,13 @@ def prepare_source(
     skip_bad_rows: bool = False,
     chunk_size: int = 512,
     images_per_prompt: int = 1,
+    sizing: ImageSizing | None = None,
 ) -> tuple[_Rows, np.ndarray, list[DataError]]:
     """Check every row's question/answer and prompt length (text only, no image decoding).
+
+    With native resolution (`sizing.native`) every image's header is read (its size, not its pixels) to count
+    its tokens as the processor will; rows may then carry 0 up to ``images_per_prompt`` images, and
+    ``rows.patches`` holds each kept row's patch count (what the batches' patch buckets are chosen from).
 
     Returns:
       ``(rows, lengths, skipped)``: the rows that fit ``max(prompt_buckets)``, the prompt
@@ -230,10 +188,12 @@ def prepare_source(
       DataError: a row with a missing/non-string question or answer, another number of images than
         ``images_per_prompt``, or a prompt longer than ``max(prompt_buckets)`` (unless ``skip_bad_rows``).
     """
-    image_tokens = patches_per_image(image_size) // 4
+    native = sizing is not None and sizing.native
+    image_tokens = None if native else patches_per_image(image_size) // 4
     max_bucket = max(int(b) for b in prompt_buckets)
     kept: list[int] = []
     lengths: list[int] = []
+    patches: list[int] = []
     skipped: list[DataError] = []
 
     def bad(err: DataError) -> None:
@@ -242,105 +202,48 @@ def prepare_source(
         skipped.append(err)
 
     for start in range(0, len(source), chunk_size):
-        idx, texts, examples = [], [], []
+        idx, texts, examples, row_patches = [], [], [], []
         for i in range(start, min(start + chunk_size, len(source))):
-            example = _text_fields(source, i)
-            file, row = _where(example)
+            example = native_fields(source, i) if native else _text_fields(source, i)
+            file, row = where(example)
             for key in ("question", "answer"):
                 if not isinstance(example.get(key), str) or not example[key].strip():
                     bad(DataError(file, row, key, f"missing or empty {key}"))
                     break
             else:
-                if _num_images(example) != images_per_prompt:
-                    bad(_image_count_error(example, _num_images(example), images_per_prompt))
+                count = num_images(example)
+                if (count > images_per_prompt) if native else (count != images_per_prompt):
+                    bad(_image_count_error(example, count, images_per_prompt, native))
                     continue
+                tokens = image_tokens
+                if native:
+                    try:
+                        grids = [sizing.grid_of(image) for image in example_images(example)]
+                    except (ValueError, OSError, TypeError) as e:
+                        bad(DataError(file, row, "image", f"cannot read the image size: {e}"))
+                        continue
+                    tokens = [h * w // 4 for h, w in grids]
+                    row_patches.append(sum(h * w for h, w in grids))
                 idx.append(i)
                 examples.append(example)
                 texts.append(_prompt_text(tokenizer, example["question"], system_prompt=system_prompt,
-                                          question_template=question_template, image_tokens=image_tokens,
-                                          num_images=images_per_prompt))
+                                          question_template=question_template, image_tokens=tokens,
+                                          num_images=count))
         if not texts:
             continue
-        for i, example, ids in zip(idx, examples, tokenizer(texts, add_special_tokens=False)["input_ids"]):
+        encoded = tokenizer(texts, add_special_tokens=False)["input_ids"]
+        for j, (i, example, ids) in enumerate(zip(idx, examples, encoded)):
             if len(ids) > max_bucket:
                 bad(_prompt_length_error(example, len(ids), max_bucket))
             else:
                 kept.append(i)
                 lengths.append(len(ids))
-    return _Rows(source, np.asarray(kept, dtype=np.int64)), np.asarray(lengths, dtype=np.int32), skipped
+                if native:
+                    patches.append(row_patches[j])
+    rows = _Rows(source, np.asarray(kept, dtype=np.int64))
+    rows.patches = np.asarray(patches, dtype=np.int64) if native else None
+    return rows, np.asarray(lengths, dtype=np.int32), skipped
 
-
-class _PrepareExample:
-    """Per-example map: decode and preprocess the image to ``image_size`` (runs in read threads)."""
-
-    def __init__(self, image_size: tuple[int, int], skip_bad_rows: bool):
-        self.image_size = image_size
-        self.skip_bad_rows = skip_bad_rows
-
-    def __call__(self, example: Mapping[str, Any]) -> dict[str, Any] | None:
-        try:
-            pixel_values, grid = preprocess_images(example_images(example), fixed_size=self.image_size)
-        except (ValueError, OSError, TypeError) as e:
-            file, row = _where(example)
-            err = DataError(file, row, "image", str(e).removeprefix("image 0: ").removeprefix("image 0"))
-            if self.skip_bad_rows:
-                logger.warning("skipping bad row: %s", err)
-                return None
-            raise err from e
-        return {
-            "pixel_values": pixel_values,
-            "image_grid_thw": grid,
-            "question": example["question"],
-            "answer": example["answer"],
-            "id": str(example["id"]),
-        }
-
-
-class _ShareOfBatches:
-    """Element ``j`` of process ``index``'s share: row ``index * b + j % b`` of global batch ``j // b`` (global
-    batches of ``b * count`` consecutive elements of `ds`)."""
-
-    def __init__(self, ds: grain.MapDataset, b: int, index: int, count: int):
-        self.ds, self.b, self.index, self.count = ds, b, index, count
-
-    def __call__(self, j: int):
-        return self.ds[(j // self.b) * self.b * self.count + self.index * self.b + j % self.b]
-
-
-def _as_list(elements: Sequence[Any]) -> list[Any]:
-    return list(elements)
-
-
-def _object_array(values: Sequence[str]) -> np.ndarray:
-    out = np.empty(len(values), dtype=object)
-    out[:] = list(values)
-    return out
-
-
-class _Collate:
-    """Batch map: chat template + tokenize + left-pad (``format_prompts``) and stack images."""
-
-    def __init__(self, tokenizer: Any, buckets: Sequence[int], system_prompt: str | None, question_template: str):
-        self.tokenizer = tokenizer
-        self.buckets = list(buckets)
-        self.system_prompt = system_prompt
-        self.question_template = question_template
-
-    def __call__(self, elements: Sequence[Mapping[str, Any]]) -> RLBatch:
-        conversations = [build_messages(render_question(e["question"], self.question_template),
-                                        len(e["image_grid_thw"]), self.system_prompt) for e in elements]
-        grids = np.concatenate([e["image_grid_thw"] for e in elements])
-        counts = [[int(n) for n in num_image_tokens(e["image_grid_thw"])] for e in elements]
-        prompts = format_prompts(self.tokenizer, conversations, counts, buckets=self.buckets)
-        return RLBatch(
-            input_ids=prompts.input_ids,
-            attention_mask=prompts.attention_mask,
-            pixel_values=np.concatenate([e["pixel_values"] for e in elements], axis=0),
-            image_grid_thw=grids,
-            answers=_object_array([e["answer"] for e in elements]),
-            ids=_object_array([e["id"] for e in elements]),
-            questions=_object_array([e["question"] for e in elements]),
-        )
 
 
 def _ensure_absl_flags_parsed() -> None:
@@ -358,7 +261,7 @@ def make_rl_dataset(
     *,
     tokenizer: Any,
     batch_size: int,
-    image_size: int | Sequence[int],
+    image_size: int | Sequence[int] | None,
     prompt_buckets: Sequence[int],
     seed: int,
     shuffle: bool = True,
@@ -373,6 +276,9 @@ def make_rl_dataset(
     shard_index: int = 0,
     shard_count: int = 1,
     images_per_prompt: int = 1,
+    min_pixels: int = DEFAULT_MIN_PIXELS,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    patch_buckets: Sequence[int] = (),
 ) -> grain.IterDataset:
     """Build the RL prompt pipeline (see the module docstring for the graph and guarantees).
 
@@ -383,7 +289,9 @@ def make_rl_dataset(
       tokenizer: tokenizer with Qwen2-VL's chat template (``mr1jax.data.tokenizer.load_tokenizer``).
       batch_size: rows per batch ``B``; incomplete batches are dropped.
       image_size: ``(H, W)`` (or one int for square), multiples of 28; every image is resized
-        to it (aspect ratio not kept).
+        to it (aspect ratio not kept). 0 or None: native resolution - each image resized by `smart_resize`
+        between `min_pixels` and `max_pixels` (its own grid, as the Qwen processors do), rows carrying 0 up to
+        `images_per_prompt` images, and each batch's prompts padded to a patch bucket (`RLBatch.patches_per_prompt`).
       prompt_buckets: allowed prompt lengths ``L``.
       seed: shuffle seed, in ``[0, 2**32)``.
       shuffle: shuffle rows (per epoch); ``False`` keeps the source order.
@@ -405,7 +313,13 @@ def make_rl_dataset(
         epoch, give the same global batches as one process would, and every process yields the same
         number of batches. ``batch_size`` is the per-process number of prompts.
       images_per_prompt: images every row carries (``example["images"]``; 1 also takes ``example["image"]``),
-        each resized to ``image_size``; a row with another count raises ``DataError`` (or is skipped).
+        each resized to ``image_size``; a row with another count raises ``DataError`` (or is skipped). Native
+        resolution: the most images a row may carry.
+      min_pixels, max_pixels: native resolution's limits on each image's resized area.
+      patch_buckets: native resolution's per-prompt patch buckets (multiples of 4; () = derived from max_pixels
+        and images_per_prompt, `mr1jax.data.vision.PatchBuckets.for_limits`). Every process of a run derives a
+        batch's bucket from the whole global batch (each row's size is read from its header up front), so all
+        pad their shares to the same shape.
 
     Returns:
       A ``grain.IterDataset`` of :class:`RLBatch`; ``iter()`` gives a checkpointable iterator
@@ -418,7 +332,10 @@ def make_rl_dataset(
     """
     if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size <= 0:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
-    image_hw = _check_image_size(image_size)
+    native = not image_size
+    sizing = ImageSizing(0, int(min_pixels), int(max_pixels), tuple(int(b) for b in patch_buckets),
+                         int(images_per_prompt)) if native else None
+    image_hw = None if native else _check_image_size(image_size)
     buckets = sorted({int(b) for b in prompt_buckets})
     if not buckets or buckets[0] <= 0:
         raise ValueError(f"prompt_buckets must be positive integers, got {list(prompt_buckets)}")
@@ -437,7 +354,7 @@ def make_rl_dataset(
     rows, _, skipped = prepare_source(              # every process checks every row: the same rows are kept
         source, tokenizer=tokenizer, image_size=image_hw, prompt_buckets=buckets,
         system_prompt=system_prompt, question_template=question_template, skip_bad_rows=skip_bad_rows,
-        images_per_prompt=int(images_per_prompt),
+        images_per_prompt=int(images_per_prompt), sizing=sizing,
     )
     if skipped:
         logger.warning("skipping %d row(s) whose prompt does not fit; first: %s", len(skipped), skipped[0])
@@ -450,19 +367,29 @@ def make_rl_dataset(
     if shuffle:
         ds = ds.shuffle(seed=int(seed))
     ds = ds.repeat(num_epochs)
-    if sharded:                                   # this process's rows of each global batch
+    patch_bucket_of = None
+    if native:                                    # rows + their global batch's patch bucket
+        patch_bucket_of = sizing.patch_buckets()
+        patches = grain.MapDataset.source([int(n) for n in rows.patches])
+        patches = (patches.shuffle(seed=int(seed)) if shuffle else patches).repeat(num_epochs)  # same order as ds
         per_global = int(batch_size) * shard_count
         ds = grain.MapDataset.range((len(ds) // per_global) * int(batch_size)).map(
-            _ShareOfBatches(ds, int(batch_size), int(shard_index), shard_count))
-    ds = ds.map(_PrepareExample(image_hw, skip_bad_rows))
+            WithBucket(ds, patches, int(batch_size), int(shard_index), shard_count, patch_bucket_of))
+        ds = ds.map(PrepareNative(sizing, skip_bad_rows))
+    else:
+        if sharded:                               # this process's rows of each global batch
+            per_global = int(batch_size) * shard_count
+            ds = grain.MapDataset.range((len(ds) // per_global) * int(batch_size)).map(
+                ShareOfBatches(ds, int(batch_size), int(shard_index), shard_count))
+        ds = ds.map(PrepareExample(image_hw, skip_bad_rows))
     read_options = grain.ReadOptions(
         num_threads=max(1, int(read_threads)),
         prefetch_buffer_size=int(prefetch_buffer_size) if prefetch_buffer_size is not None else 2 * batch_size,
     )
     it_ds = ds.to_iter_dataset(read_options)  # drops the None of skipped rows
-    it_ds = it_ds.batch(int(batch_size), drop_remainder=True, batch_fn=_as_list)
-    it_ds = it_ds.map(_Collate(tokenizer, [buckets[-1]] if pad_to_max_bucket else buckets,
-                               system_prompt, question_template))
+    it_ds = it_ds.batch(int(batch_size), drop_remainder=True, batch_fn=as_list)
+    it_ds = it_ds.map(Collate(tokenizer, [buckets[-1]] if pad_to_max_bucket else buckets,
+                               system_prompt, question_template, patch_bucket_of))
     if worker_count > 0:
         _ensure_absl_flags_parsed()
         it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=int(worker_count)))

@@ -17,9 +17,10 @@ from typing import Any, Callable, Iterable, Sequence
 import numpy as np
 
 from mr1jax.data.chat import IMAGE_PAD_TOKEN, _expand_image_pads, build_messages
-from mr1jax.data.pipeline import example_images
+from mr1jax.data.examples import example_images
 from mr1jax.data.rows import DataError
-from mr1jax.data.vision import num_image_tokens, preprocess_images
+from mr1jax.data.sizing import ImageSizing, pad_pixel_values
+from mr1jax.data.vision import num_image_tokens
 
 logger = logging.getLogger(__name__)
 
@@ -50,18 +51,20 @@ def annotator_trace(miss_rate: float, min_count: int, seed: int) -> Callable[[di
     return trace
 
 
-def _sft_example(tokenizer: Any, e: dict[str, Any], *, image_size: int, seq_len: int, response_fn, question_template,
-                 eos: int, images_per_prompt: int = 1) -> tuple[np.ndarray, np.ndarray, list[int], list[int]]:
-    """(pixel values, grid [k, 3], prompt ids, response ids) of one example with k = `images_per_prompt` images;
-    DataError naming its file and line when it has another number of images, an image does not decode or it
-    does not fit `seq_len`."""
+def _sft_example(tokenizer: Any, e: dict[str, Any], *, sizing: ImageSizing, seq_len: int, response_fn,
+                 question_template, eos: int) -> tuple[np.ndarray, np.ndarray, list[int], list[int]]:
+    """(pixel values, grid [k, 3], prompt ids, response ids) of one example with k = `sizing.images_per_prompt`
+    images (native resolution: 0 up to k, each at its own grid); DataError naming its file and line when it has
+    another number of images, an image does not decode or it does not fit `seq_len`."""
     where = (e.get("file", "<in-memory rows>"), e.get("row"))
     images = example_images(e)
-    if len(images) != images_per_prompt:
+    k = sizing.images_per_prompt
+    if (len(images) > k) if sizing.native else (len(images) != k):
         raise DataError(*where, "image", f"row has {len(images)} image(s); every SFT example must carry "
-                        f"images_per_prompt = {images_per_prompt} (static shapes)")
+                        + (f"at most images_per_prompt = {k}" if sizing.native else
+                           f"images_per_prompt = {k} (static shapes)"))
     try:
-        pixel_values, grid = preprocess_images(images, fixed_size=(image_size, image_size))
+        pixel_values, grid = sizing.preprocess(images)
     except (ValueError, OSError, TypeError) as err:
         raise DataError(*where, "image", str(err).removeprefix("image 0").lstrip(": ")) from err
     question = question_template.replace("{question}", e["question"])
@@ -77,28 +80,35 @@ def _sft_example(tokenizer: Any, e: dict[str, Any], *, image_size: int, seq_len:
     return pixel_values, grid, prompt, response
 
 
-def sft_batch(tokenizer: Any, examples: Sequence[dict[str, Any]], *, image_size: int, seq_len: int,
+def sft_batch(tokenizer: Any, examples: Sequence[dict[str, Any]], *, image_size: int = 0, seq_len: int,
               response_fn: Callable[[dict[str, Any]], str] = reasoning_trace,
               question_template: str = "{question}", skip_bad_rows: bool = False,
-              spare: Iterable[dict[str, Any]] = (), images_per_prompt: int = 1) -> dict[str, np.ndarray]:
+              spare: Iterable[dict[str, Any]] = (), images_per_prompt: int = 1, sizing: ImageSizing | None = None,
+              patches_per_example: int | None = None) -> dict[str, np.ndarray]:
     """One batch; every example carries `images_per_prompt` = k images (``images``, or the one ``image``).
+
+    sizing: how images are sized (default: `image_size` x `image_size`, k per example). Native resolution
+    (``sizing.native``): each image at its own grid, 0 up to k per example, every example's patches padded to
+    `patches_per_example` (None: the smallest patch bucket holding this batch's largest example).
 
     Returns:
       input_ids, attention_mask, loss_mask: [B, seq_len] int32 (loss_mask = 1 on response tokens and the
-      closing <|im_end|>); pixel_values [B * k * P, 1176] float32; image_grid_thw [B * k, 3].
+      closing <|im_end|>); pixel_values [B * k * P, 1176] float32; image_grid_thw [B * k, 3]; native resolution:
+      pixel_values [B * P, 1176] (the per-example padded layout) and patches_per_example = P.
     Raises DataError naming the example's file and line when its image does not decode or its prompt +
     response does not fit `seq_len`; with `skip_bad_rows` such an example is logged and replaced by the next
     good one of `spare` (DataError when `spare` runs out), so the batch keeps its size.
     """
+    sizing = sizing or ImageSizing(image_size, images_per_prompt=images_per_prompt)
     eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
     spare = iter(spare)
     rows, pixels, grids = [], [], []
     for e in examples:
         while True:
             try:
-                pv, g, prompt, response = _sft_example(tokenizer, e, image_size=image_size, seq_len=seq_len,
+                pv, g, prompt, response = _sft_example(tokenizer, e, sizing=sizing, seq_len=seq_len,
                                                        response_fn=response_fn, question_template=question_template,
-                                                       eos=eos, images_per_prompt=images_per_prompt)
+                                                       eos=eos)
                 break
             except DataError as err:
                 if not skip_bad_rows:
@@ -112,6 +122,11 @@ def sft_batch(tokenizer: Any, examples: Sequence[dict[str, Any]], *, image_size:
         pixels.append(pv)
         grids.append(g)
     pixel_values, grid = np.concatenate(pixels), np.concatenate(grids)
+    extra = {}
+    if sizing.native:
+        per = patches_per_example or sizing.patch_buckets()(max(len(p) for p in pixels))
+        pixel_values = pad_pixel_values(pixel_values, grid, [len(g) for g in grids], per)
+        extra["patches_per_example"] = per
     b = len(rows)
     input_ids = np.full((b, seq_len), tokenizer.pad_token_id, np.int32)
     attention_mask = np.zeros((b, seq_len), np.int32)
@@ -122,7 +137,7 @@ def sft_batch(tokenizer: Any, examples: Sequence[dict[str, Any]], *, image_size:
         attention_mask[i, seq_len - len(seq):] = 1
         loss_mask[i, seq_len - len(response):] = 1
     return dict(input_ids=input_ids, attention_mask=attention_mask, loss_mask=loss_mask,
-                pixel_values=pixel_values, image_grid_thw=grid)
+                pixel_values=pixel_values, image_grid_thw=grid, **extra)
 
 
 def sft_examples_for_step(rows: Sequence[dict[str, Any]], step: int, batch_size: int, seed: int,
@@ -149,7 +164,12 @@ def sft_update_batch(model_config: Any, batch: dict[str, np.ndarray]) -> dict[st
     and the host-side M-RoPE position ids [3, B, S] and vision patch positions (`prepare_inputs`)."""
     from mr1jax.models.qwen2_vl.model import prepare_inputs
 
-    extra = prepare_inputs(model_config, batch["input_ids"], batch["attention_mask"], batch["image_grid_thw"])
-    return dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], loss_mask=batch["loss_mask"],
-                position_ids=extra.position_ids.astype(np.int32), pixel_values=batch["pixel_values"],
-                patch_pos=extra.patch_pos.astype(np.int32))
+    per = batch.get("patches_per_example")
+    extra = prepare_inputs(model_config, batch["input_ids"], batch["attention_mask"], batch["image_grid_thw"],
+                           patches_per_row=per)
+    out = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], loss_mask=batch["loss_mask"],
+               position_ids=extra.position_ids.astype(np.int32), pixel_values=batch["pixel_values"],
+               patch_pos=extra.patch_pos.astype(np.int32))
+    if per is not None:                                  # native resolution: per-example patch segments
+        out["patch_segments"] = extra.patch_segments.astype(np.int32)
+    return out

@@ -199,7 +199,7 @@ def sample_tokens(logits: jax.Array, rng: jax.Array, temperature, top_k, top_p) 
 
 def _rollout(graphdef, state, input_ids, attention_mask, position_ids, rope_deltas, pixel_values, patch_pos,
              segment_ids, rng, temperature, top_k, top_p, eos_ids, suppress_ids, *, patch_segments, num_samples,
-             max_new_tokens):
+             max_new_tokens, patch_block=None):
     _TRACE_COUNT[0] += 1
     # Cast floating parameters to the compute dtype once (e.g. fp32 master weights, bf16 compute): the
     # decode loop then reads the compute-dtype copy every token instead of re-casting fp32 weights.
@@ -213,8 +213,9 @@ def _rollout(graphdef, state, input_ids, attention_mask, position_ids, rope_delt
 
     # ---- prefill once per prompt
     segments = patch_segments if patch_segments is not None else segment_ids
-    feats = None if pixel_values is None else model.image_features(pixel_values, patch_pos, segments)
-    x = model.embed(input_ids, feats)
+    feats = None if pixel_values is None else model.image_features(pixel_values, patch_pos, segments, patch_block)
+    per_row = None if patch_block is None else patch_block // model.config.vision.spatial_merge_size**2
+    x = model.embed(input_ids, feats, per_row)
     valid = attention_mask.astype(bool)
     key_valid = jnp.concatenate([valid, jnp.zeros((b, t_new), bool)], axis=1)
     slots = jnp.arange(size)
@@ -270,7 +271,7 @@ def _rollout(graphdef, state, input_ids, attention_mask, position_ids, rope_delt
 
 
 _rollout_jit = jax.jit(_rollout, static_argnums=(0,),
-                       static_argnames=("patch_segments", "num_samples", "max_new_tokens"))
+                       static_argnames=("patch_segments", "num_samples", "max_new_tokens", "patch_block"))
 
 
 def pad_to_bucket(input_ids: np.ndarray, attention_mask: np.ndarray, buckets: Sequence[int], pad_id: int,
@@ -303,17 +304,19 @@ def pad_to_bucket(input_ids: np.ndarray, attention_mask: np.ndarray, buckets: Se
     return out_ids, out_mask
 
 
-def _image_placer(mesh, uniform: int | None, put):
+def _image_placer(mesh, uniform: int | None, put, padded: bool = False):
     """How the sampler places pixel values / patch positions: split over the batch devices with their prompts when
-    every image has one size and the split is even (necessary with several processes, which hold different
-    images), else whole on every device (per-image segment ids index the whole batch)."""
+    every image has one size and the split is even, or in the per-prompt padded layout (`padded`: every prompt
+    has a block of P patches) - necessary with several processes, which hold different images; else whole on
+    every device (per-image segment ids index the whole batch)."""
     n = 1 if mesh is None else local_batch_devices(mesh)
 
     def place(a):
-        split = mesh is not None and uniform is not None and uniform % n == 0
+        split = mesh is not None and (padded or (uniform is not None and uniform % n == 0))
         if jax.process_count() > 1 and not split:
             raise ValueError("with several processes every prompt's images must have one size and each process "
-                             "the same number of them (resize to config.data.image_size)")
+                             "the same number of them (config.data.image_size), or be padded per prompt "
+                             "(native resolution: patches_per_prompt)")
         return put(a) if split else jnp.asarray(a)
 
     return place
@@ -323,7 +326,8 @@ def generate(model: Qwen2VL, input_ids, attention_mask, pixel_values=None, image
              num_samples: int = 1, max_new_tokens: int = 64, temperature: float = 1.0, top_p: float = 1.0,
              top_k: int = 0, eos_token_ids: Sequence[int] | None = None, rng: jax.Array | None = None,
              prompt_buckets: Sequence[int] | None = None, truncate: bool = False,
-             mesh: jax.sharding.Mesh | None = None, suppress_token_ids: Sequence[int] | None = None) -> Rollouts:
+             mesh: jax.sharding.Mesh | None = None, suppress_token_ids: Sequence[int] | None = None,
+             patches_per_prompt: int | None = None) -> Rollouts:
     """Sample `num_samples` completions per prompt.
 
     Args:
@@ -331,7 +335,9 @@ def generate(model: Qwen2VL, input_ids, attention_mask, pixel_values=None, image
       input_ids, attention_mask: [B, L] left-padded prompts (numpy or jax); with several processes, this
         process's prompts (the rollouts are then global arrays over every process's prompts, in process order:
         `mr1jax.parallel.distributed.local_rows` gives back this process's rows).
-      pixel_values, image_grid_thw: images of the batch in row-major order, as `preprocess_images` gives.
+      pixel_values, image_grid_thw: images of the batch in row-major order, as `preprocess_images` gives; with
+        `patches_per_prompt` P, pixel_values is the per-prompt padded layout [B * P, patch_dim]
+        (`mr1jax.data.vision.pad_pixel_values`: images of any size, 0 or more per prompt; one compile per P).
       temperature: 0 = greedy. top_k: 0 = off. top_p: 1 = off. All traced: changing them never recompiles.
       eos_token_ids: stop ids (default: the model config's).
       prompt_buckets: when given, prompts are re-padded to the smallest fitting bucket (see `pad_to_bucket`).
@@ -351,7 +357,9 @@ def generate(model: Qwen2VL, input_ids, attention_mask, pixel_values=None, image
                                                   truncate, protected)
     if num_samples < 1 or max_new_tokens < 1:
         raise ValueError(f"num_samples ({num_samples}) and max_new_tokens ({max_new_tokens}) must be >= 1")
-    extra = prepare_inputs(cfg, input_ids, attention_mask, image_grid_thw)
+    extra = prepare_inputs(cfg, input_ids, attention_mask, image_grid_thw, patches_per_row=patches_per_prompt)
+    if patches_per_prompt is not None and pixel_values is None:
+        raise ValueError("patches_per_prompt needs pixel_values in the per-prompt padded layout")
     eos = np.asarray(tuple(eos_token_ids if eos_token_ids is not None else cfg.eos_token_ids), np.int32)
     suppress = np.asarray(tuple(suppress_token_ids if suppress_token_ids is not None
                                 else (cfg.image_token_id, cfg.video_token_id)), np.int32)
@@ -359,8 +367,10 @@ def generate(model: Qwen2VL, input_ids, attention_mask, pixel_values=None, image
     graphdef, state = nnx.split(model)
     put = lambda a, dim=0: jnp.asarray(a) if mesh is None else shard_batch(mesh, np.asarray(a), dim)  # noqa: E731
     uniform = extra.patch_segments if isinstance(extra.patch_segments, int) else None
-    segment_ids = None if uniform is not None or extra.patch_segments is None else jnp.asarray(extra.patch_segments)
-    put_images = _image_placer(mesh, uniform, put)
+    padded = extra.patch_block is not None
+    put_images = _image_placer(mesh, uniform, put, padded)
+    segment_ids = None if uniform is not None or extra.patch_segments is None else \
+        (put_images(extra.patch_segments) if padded else jnp.asarray(extra.patch_segments))
     if uniform is not None:
         uniform *= jax.process_count()           # every process holds as many images (same-size batches)
     with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():   # rows pinned to the batch axes
@@ -370,7 +380,7 @@ def generate(model: Qwen2VL, input_ids, attention_mask, pixel_values=None, image
             None if extra.patch_pos is None else put_images(extra.patch_pos), segment_ids, rng,
             jnp.float32(temperature), jnp.int32(top_k), jnp.float32(top_p), jnp.asarray(eos),
             jnp.asarray(suppress),
-            patch_segments=uniform,
+            patch_segments=uniform, patch_block=extra.patch_block,
             num_samples=num_samples, max_new_tokens=max_new_tokens)
     prompt_index = jnp.repeat(jnp.arange(tokens.shape[0] // num_samples, dtype=jnp.int32), num_samples)
     return Rollouts(tokens, logprobs, mask, truncated, prompt_index, mask.sum(-1))

@@ -24,7 +24,7 @@ from mr1jax.parallel import sharding
 from mr1jax.rl.ptst import Stage
 from mr1jax.trainer import state as steps
 from mr1jax.trainer.build import tiny_model_config
-from mr1jax.trainer.config import DTYPES, make_optimizers, updates_per_rl_step
+from mr1jax.trainer.config import DTYPES, image_sizing, make_optimizers, updates_per_rl_step
 from mr1jax.trainer.step import grpo_config, sft_config
 
 
@@ -110,6 +110,7 @@ class Shapes:
     minibatch_prompts: int  # prompts per optimizer step (P / rl.minibatches)
     micro_batches: int
     images_per_prompt: int = 1  # data.images_per_prompt
+    native: bool = False        # native resolution: `patches` is the largest per-prompt patch bucket (one block)
 
     @property
     def rows(self) -> int:
@@ -122,6 +123,13 @@ class Shapes:
 
 def stage_shapes(c: ml_collections.ConfigDict, model_cfg: Qwen2VLConfig, stage: Stage) -> Shapes:
     v = model_cfg.vision
+    if not c.data.image_size:           # native resolution: memory for the largest per-prompt patch bucket
+        top = image_sizing(c).patch_buckets().sizes[-1]
+        return Shapes(prompts=c.data.batch_size, num_samples=stage.num_samples, max_new_tokens=stage.max_new_tokens,
+                      prompt_len=c.data.prompt_bucket, image_size=0, patches=top,
+                      image_tokens=top // v.spatial_merge_size ** 2,
+                      minibatch_prompts=c.data.batch_size // c.rl.minibatches, micro_batches=c.rl.micro_batches,
+                      images_per_prompt=1, native=True)
     side = c.data.image_size // v.patch_size
     patches = side * side
     return Shapes(prompts=c.data.batch_size, num_samples=stage.num_samples, max_new_tokens=stage.max_new_tokens,
@@ -242,7 +250,8 @@ class Programs:
         cfg = grpo_config(self.c, stage)
         self._check_split("grpo_update", p, cfg.micro_batches)
         spec = steps.grpo_batch_spec(self.cfg, cfg, p, s.image_size, s.max_new_tokens, with_ref=self.kl,
-                                     with_old=self._several_updates(), images_per_prompt=s.images_per_prompt)
+                                     with_old=self._several_updates(), images_per_prompt=s.images_per_prompt,
+                                     patches_per_prompt=s.patches if s.native else None)
         jitted = steps.jit_grpo_update(self.graphdef, self.mesh, self.shardings, spec, tx=self.rl_tx, cfg=cfg,
                                        frozen_shardings=self.frozen_shardings)
         beta = _sds((), jnp.float32, self.replicated)
@@ -255,7 +264,8 @@ class Programs:
         cfg = grpo_config(self.c, stage, whole_batch=True)
         self._check_split("token_logprobs", s.prompts, cfg.micro_batches)
         spec = steps.grpo_batch_spec(self.cfg, cfg, s.prompts, s.image_size, s.max_new_tokens, with_ref=False,
-                                     images_per_prompt=s.images_per_prompt)
+                                     images_per_prompt=s.images_per_prompt,
+                                     patches_per_prompt=s.patches if s.native else None)
         params = self.ref_params if self.kl else self.params
         jitted = steps.jit_token_logprobs(self.graphdef, self.mesh, self.shardings.params, spec, cfg=cfg,
                                           frozen_shardings=self.frozen_shardings)
@@ -266,7 +276,8 @@ class Programs:
     def sft_update(self, s: Shapes, seq: int) -> StepProgram:
         rows, cfg = s.prompts, sft_config(self.c)
         self._check_split("sft_update", rows, cfg.micro_batches)
-        spec = steps.sft_batch_spec(self.cfg, rows, seq, s.image_size, s.images_per_prompt)
+        spec = steps.sft_batch_spec(self.cfg, rows, seq, s.image_size, s.images_per_prompt,
+                                    patches_per_prompt=s.patches if s.native else None)
         jitted = steps.jit_sft_update(self.graphdef, self.mesh, self.shardings, spec, tx=self.sft_tx, cfg=cfg,
                                       frozen_shardings=self.frozen_shardings)
         return StepProgram("sft_update", jitted, (self.params, self.opt_state, self._batch(spec), *self.extra),
@@ -285,18 +296,23 @@ class Programs:
         i32, f32 = jnp.int32, jnp.float32
         key = jax.eval_shape(lambda: jax.random.key(0))
         state = self.params if self.full_state is None else self.full_state   # LoRA: adapters + base
+        img = rows if s.native else rep             # native: each prompt's block of patches goes with it
         args = (state, _sds((p, length), i32, rows), _sds((p, length), i32, rows),
                 _sds((3, p, length), i32, rows2), _sds((p,), i32, rows),
-                _sds((npatch, self.cfg.vision.patch_dim), f32, rep), _sds((npatch, 2), i32, rep),
+                _sds((npatch, self.cfg.vision.patch_dim), f32, img), _sds((npatch, 2), i32, img),
+                _sds((npatch,), i32, img) if s.native else None,
                 jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=rep), _sds((), f32, rep), _sds((), i32, rep),
                 _sds((), f32, rep), _sds((len(self.cfg.eos_token_ids),), i32, rep), _sds((2,), i32, rep))
         graphdef = self.graphdef if self.full_graphdef is None else self.full_graphdef
+        uniform, block = (None, s.patches) if s.native else (p * s.images_per_prompt, None)
 
-        def fn(state, ids, mask, pos, deltas, pixels, patch_pos, rng, temperature, top_k, top_p, eos, suppress):
-            return _rollout(graphdef, state, ids, mask, pos, deltas, pixels, patch_pos, None, rng, temperature,
-                            top_k, top_p, eos, suppress, patch_segments=p * s.images_per_prompt, num_samples=g, max_new_tokens=t)
+        def fn(state, ids, mask, pos, deltas, pixels, patch_pos, seg, rng, temperature, top_k, top_p, eos, suppress):
+            return _rollout(graphdef, state, ids, mask, pos, deltas, pixels, patch_pos, seg, rng, temperature,
+                            top_k, top_p, eos, suppress, patch_segments=uniform, num_samples=g, max_new_tokens=t,
+                            patch_block=block)
 
-        in_sh = (jax.tree.map(lambda a: a.sharding, state),) + tuple(a.sharding for a in args[1:])
+        in_sh = (jax.tree.map(lambda a: a.sharding, state),) + tuple(None if a is None else a.sharding
+                                                                      for a in args[1:])
         jitted = jax.jit(fn, in_shardings=in_sh, out_shardings=(rows, rows, rows, rows))
         return StepProgram("rollout", jitted, args, f"{p} prompts x {length} -> {g}x{t} new",
                            self.resident("rl", "params"))

@@ -77,8 +77,10 @@ def format_plan(plan: dict) -> str:
     blocks = [(f"stage {st['index']}: {st['max_new_tokens']} new tokens x G={st['num_samples']} "
                f"({st['steps']} steps): {st['prompts']} prompts -> {st['rows']} rows of {st['prompt_len']} + "
                f"{st['max_new_tokens']} tokens; {st['minibatch_prompts']} prompts per optimizer step in "
-               f"{st['micro_batches']} micro-batch(es); image {st['image_size']} px = {st['patches_per_image']} "
-               f"patches / {st['image_tokens']} tokens", st["results"]) for st in plan["stages"]]
+               f"{st['micro_batches']} micro-batch(es); "
+               + (f"image {st['image_size']} px = {st['patches_per_image']} patches / {st['image_tokens']} tokens"
+                  if st['image_size'] else f"native resolution: largest patch bucket {st['patches_per_image']} "
+                  f"patches / {st['image_tokens']} tokens per prompt"), st["results"]) for st in plan["stages"]]
     if "sft" in plan:
         blocks.append((f"cold-start SFT: {plan['sft']['rows']} rows x {plan['sft']['seq']} tokens",
                        plan["sft"]["results"]))

@@ -94,7 +94,7 @@ def chunked_token_logprobs(model: Qwen2VL, hidden: jax.Array, targets: jax.Array
 def completion_logprobs(model: Qwen2VL, input_ids: jax.Array, attention_mask: jax.Array,
                         position_ids: jax.Array, pixel_values: jax.Array | None, patch_pos: jax.Array | None,
                         *, prompt_len: int, num_samples: int, patch_segments: int | None,
-                        logit_chunk: int = 0) -> jax.Array:
+                        logit_chunk: int = 0, segment_ids: jax.Array | None = None) -> jax.Array:
     """log pi(token) of every completion token, teacher-forced.
 
     Args:
@@ -102,16 +102,21 @@ def completion_logprobs(model: Qwen2VL, input_ids: jax.Array, attention_mask: ja
       position_ids: [3, R, L + T] M-RoPE ids of the full sequences (`prepare_inputs`).
       pixel_values: [P_prompts * patches, patch_dim], one image per *prompt* (R = prompts * num_samples).
       logit_chunk: LM-head chunk (see `chunked_token_logprobs`).
+      segment_ids: [P_prompts * P] per-row patch segments of the per-prompt padded layout (native resolution:
+        every prompt's patches padded to P = pixel_values rows / prompts), or None.
     Returns:
       [R, T] float32.
     """
-    feats = None
+    feats, per_row = None, None
     if pixel_values is not None:
-        per_prompt = model.image_features(pixel_values, patch_pos, patch_segments)      # [B*M, D]
         prompts = input_ids.shape[0] // num_samples
+        block = None if segment_ids is None else pixel_values.shape[0] // prompts
+        segments = patch_segments if segment_ids is None else segment_ids
+        per_prompt = model.image_features(pixel_values, patch_pos, segments, block)      # [B*M, D]
         feats = per_prompt.reshape(prompts, -1, per_prompt.shape[-1])
+        per_row = None if block is None else feats.shape[1]
         feats = jnp.repeat(feats, num_samples, axis=0).reshape(-1, per_prompt.shape[-1])
-    hidden = model.hidden_states(input_ids, attention_mask, position_ids, feats)
+    hidden = model.hidden_states(input_ids, attention_mask, position_ids, feats, per_row)
     return chunked_token_logprobs(model, hidden[:, prompt_len - 1:-1], input_ids[:, prompt_len:], logit_chunk)
 
 
@@ -147,6 +152,7 @@ def split_batch(batch: dict[str, jax.Array], parts: int, groups: int) -> dict[st
     out["position_ids"] = _split_grouped(batch["position_ids"], parts, groups, axis=1)
     out["pixel_values"] = _split_grouped(batch.get("pixel_values"), parts, groups)
     out["patch_pos"] = _split_grouped(batch.get("patch_pos"), parts, groups)
+    out["patch_segments"] = _split_grouped(batch.get("patch_segments"), parts, groups)
     return out
 
 
@@ -176,9 +182,9 @@ def token_logprobs(graphdef: nnx.GraphDef, params: nnx.State, batch: dict[str, j
         return completion_logprobs(model, mb["input_ids"], mb["attention_mask"], mb["position_ids"],
                                    mb["pixel_values"], mb["patch_pos"], prompt_len=cfg.prompt_len,
                                    num_samples=cfg.num_samples, patch_segments=cfg.patch_segments,
-                                   logit_chunk=cfg.logit_chunk)
+                                   logit_chunk=cfg.logit_chunk, segment_ids=mb["patch_segments"])
 
-    keys = ("input_ids", "attention_mask", "position_ids", "pixel_values", "patch_pos")
+    keys = ("input_ids", "attention_mask", "position_ids", "pixel_values", "patch_pos", "patch_segments")
     out = jax.lax.map(one, {k: parts[k] for k in keys})
     return _merge_grouped(out, m, prompts)
 
@@ -241,7 +247,7 @@ def grpo_update(graphdef: nnx.GraphDef, params: nnx.State, opt_state: Any, batch
         logps = completion_logprobs(
             model, mb["input_ids"], mb["attention_mask"], mb["position_ids"], mb["pixel_values"],
             mb["patch_pos"], prompt_len=cfg.prompt_len, num_samples=cfg.num_samples,
-            patch_segments=cfg.patch_segments, logit_chunk=cfg.logit_chunk)
+            patch_segments=cfg.patch_segments, logit_chunk=cfg.logit_chunk, segment_ids=mb["patch_segments"])
         loss_sum, _, stats = grpo_loss_terms(
             logps, mb["old_logps"], mb["ref_logps"], mb["advantages"], mb["completion_mask"], beta=beta,
             eps_low=cfg.eps_low, eps_high=cfg.eps_high, agg=cfg.agg, kl_estimator=cfg.kl_estimator,
@@ -269,13 +275,20 @@ def grpo_update(graphdef: nnx.GraphDef, params: nnx.State, opt_state: Any, batch
 
 def sft_loss_terms(model: Qwen2VL, input_ids: jax.Array, attention_mask: jax.Array, position_ids: jax.Array,
                    loss_mask: jax.Array, pixel_values: jax.Array | None = None, patch_pos: jax.Array | None = None,
-                   patch_segments: int | None = None, logit_chunk: int = 0) -> tuple[jax.Array, jax.Array]:
+                   patch_segments: int | None = None, logit_chunk: int = 0, segment_ids: jax.Array | None = None
+                   ) -> tuple[jax.Array, jax.Array]:
     """Next-token cross-entropy on the tokens where loss_mask [B, S] is 1 (assistant tokens), as (sum, count).
 
-    loss_mask[b, s] marks token s as a *target* (predicted from position s - 1).
+    loss_mask[b, s] marks token s as a *target* (predicted from position s - 1). segment_ids: the per-example
+    padded patch layout's segments (native resolution; P = pixel_values rows / B), or None.
     """
-    feats = None if pixel_values is None else model.image_features(pixel_values, patch_pos, patch_segments)
-    hidden = model.hidden_states(input_ids, attention_mask, position_ids, feats)
+    feats, per_row = None, None
+    if pixel_values is not None:
+        block = None if segment_ids is None else pixel_values.shape[0] // input_ids.shape[0]
+        feats = model.image_features(pixel_values, patch_pos, patch_segments if segment_ids is None else segment_ids,
+                                     block)
+        per_row = None if block is None else feats.shape[0] // input_ids.shape[0]
+    hidden = model.hidden_states(input_ids, attention_mask, position_ids, feats, per_row)
     logps = chunked_token_logprobs(model, hidden[:, :-1], input_ids[:, 1:], logit_chunk)
     target = loss_mask[:, 1:].astype(jnp.float32)
     return -(logps * target).sum(), target.sum()
@@ -297,7 +310,7 @@ def sft_update(graphdef: nnx.GraphDef, params: nnx.State, opt_state: Any, batch:
     def micro_loss(p, mb):
         s, n = sft_loss_terms(_merge(graphdef, p, frozen), mb["input_ids"], mb["attention_mask"], mb["position_ids"],
                               mb["loss_mask"], mb["pixel_values"], mb["patch_pos"], cfg.patch_segments,
-                              cfg.logit_chunk)
+                              cfg.logit_chunk, mb["patch_segments"])
         return s / jnp.maximum(total, 1), {"loss_sum": jax.lax.stop_gradient(s), "tokens": n}
 
     def grad_fn(p, mb):

@@ -20,7 +20,8 @@ from mr1jax.models import Qwen2VL, config_class, load_pretrained, model_class
 from mr1jax.models.lora import (LoRAConfig, LoRAParam, adapters_from_peft, apply_lora, fold_adapters, load_peft,
                                quantize_base, shard_adapters)
 from mr1jax.models.qwen2_vl.model import set_attention_chunk
-from mr1jax.trainer.config import model_dtypes, phase_steps
+from mr1jax.data.tasks.sizes import mixed_sizes
+from mr1jax.trainer.config import model_dtypes, phase_steps, task_image_size
 
 def build_model(c: ml_collections.ConfigDict, mesh) -> tuple[Qwen2VL, Any]:
     """The policy on `mesh` (parameters in ``model.param_dtype``, or the compute dtype for a LoRA run's frozen
@@ -67,8 +68,14 @@ def build_rows(c: ml_collections.ConfigDict, split: str):
         return RowSource([f.strip() for f in files.split(",") if f.strip()], c.data.fields,
                          skip_bad_rows=c.data.skip_bad_rows)
     num = c.data.num_train if split == "train" else c.data.num_eval
-    return TASKS[c.data.task](num, seed=c.seed, split="train" if split == "train" else "test",
-                              image_size=c.data.image_size)
+    return task_rows(c, c.data.task, num, "train" if split == "train" else "test")
+
+
+def task_rows(c: ml_collections.ConfigDict, task: str, num: int, split: str) -> list[dict]:
+    """`num` rows of synthetic task `task` (split "train" / "test"): square scenes of `task_image_size`, placed on
+    canvases of varied sizes and aspect ratios when ``data.mixed_sizes`` (for native resolution)."""
+    rows = TASKS[task](num, seed=c.seed, split=split, image_size=task_image_size(c))
+    return mixed_sizes(rows, c.seed + (split == "test")) if c.data.get("mixed_sizes", False) else rows
 
 
 def split_for_training(model: nnx.Module, c, mesh, *, seed: int | None = None):

@@ -21,6 +21,8 @@ from mr1jax.parallel.distributed import MODES as DISTRIBUTED_MODES
 from mr1jax.parallel.distributed import requested as distributed_requested
 from mr1jax.models.lora import BASE_QUANT, PRESETS, SFT_TO_RL, target_regex
 from mr1jax.data.tasks import TASKS
+from mr1jax.data.sizing import ImageSizing
+from mr1jax.data.vision import DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS
 from mr1jax.models.families import FAMILIES
 from mr1jax.models.qwen2_vl.model import REMAT_POLICIES
 from mr1jax.rl import ADVANTAGE_SCALES, KL_ESTIMATORS, LOSS_AGGREGATIONS, SCHEDULE_NAMES, make_schedule
@@ -61,7 +63,7 @@ CHOICES = {
     "lora.sft_to_rl": tuple(SFT_TO_RL),
     "lora.base_quant": tuple(BASE_QUANT),
 }
-POSITIVE = ("total_steps", "data.batch_size", "data.prompt_bucket", "data.image_size", "data.images_per_prompt",
+POSITIVE = ("total_steps", "data.batch_size", "data.prompt_bucket", "data.images_per_prompt",
             "rollout.num_samples",
             "rollout.max_new_tokens", "rl.updates_per_batch", "rl.minibatches", "rl.micro_batches", "sft.micro_batches", "checkpoint.every_steps",
             "checkpoint.max_to_keep", "optim.max_consecutive_skips")
@@ -70,7 +72,7 @@ FRACTIONS = ("rl.warmup_fraction", "sft.warmup_fraction", "sft.annotator_miss_ra
 #: Fields a rerun in an existing work dir must keep: they fix the checkpoint's arrays and the data shapes.
 RUN_DIR_FIELDS = ("mode", "sft.steps", "model.hf_path", "model.family", "model.tiny", "model.param_dtype",
                   "model.dtype", "data.task", "data.train_files", "data.tfds", "data.image_size", "data.prompt_bucket",
-                  "data.batch_size", "data.images_per_prompt", "lora")
+                  "data.batch_size", "data.images_per_prompt", "lora", "data.min_pixels", "data.max_pixels")
 
 
 def _get(c: ml_collections.ConfigDict, dotted: str) -> Any:
@@ -196,8 +198,14 @@ def validate_config(c: ml_collections.ConfigDict, reference: ml_collections.Conf
             raise ConfigError(str(e)) from None
     if c.mode != "grpo" and c.sft.steps < 1:
         raise ConfigError(f"config.mode = {c.mode!r} needs config.sft.steps >= 1, got {c.sft.steps}")
-    if c.data.image_size % 28:
-        raise ConfigError(f"config.data.image_size = {c.data.image_size} must be a multiple of 28")
+    if not isinstance(c.data.image_size, int) or c.data.image_size < 0 or c.data.image_size % 28:
+        raise ConfigError(f"config.data.image_size = {c.data.image_size} must be a multiple of 28 (fixed size) or 0 "
+                          "(native resolution: data.min_pixels / data.max_pixels)")
+    try:
+        image_sizing(c)
+    except ValueError as e:
+        raise ConfigError(f"config.data: {e} (data.image_size = 0: data.min_pixels, data.max_pixels, "
+                          "data.patch_buckets)") from None
     if c.data.batch_size % (c.rl.minibatches * c.rl.micro_batches):
         raise ConfigError(f"config.rl.minibatches x config.rl.micro_batches = {c.rl.minibatches} x "
                           f"{c.rl.micro_batches} must divide config.data.batch_size = {c.data.batch_size} "
@@ -302,6 +310,37 @@ def phase_steps(c: ml_collections.ConfigDict) -> tuple[int, int]:
     """(SFT steps, RL steps). Global step s < sft_steps is SFT; RL step = s - sft_steps."""
     sft = c.sft.steps if c.mode != "grpo" else 0
     return sft, (c.total_steps if c.mode != "sft" else 0)
+
+
+def images_per_prompt(c: ml_collections.ConfigDict) -> int:
+    """``data.images_per_prompt`` (1 for configs written before the field existed)."""
+    return int(c.data.get("images_per_prompt", 1))
+
+
+def image_sizing(c: ml_collections.ConfigDict) -> ImageSizing:
+    """How the run sizes images: ``data.image_size`` > 0 fixed squares, 0 native resolution between
+    ``data.min_pixels`` and ``data.max_pixels`` (the Qwen processor's defaults when absent), prompts padded to
+    ``data.patch_buckets`` (comma-separated per-prompt patch counts; "" derives them from max_pixels)."""
+    d = c.data
+    buckets = d.get("patch_buckets", "") or ""
+    try:
+        sizes = tuple(int(x) for x in str(buckets).replace(" ", "").split(",") if x)
+    except ValueError:
+        raise ValueError(f"data.patch_buckets = {buckets!r} must be comma-separated integers") from None
+    return ImageSizing(int(d.image_size), int(d.get("min_pixels", DEFAULT_MIN_PIXELS)),
+                       int(d.get("max_pixels", DEFAULT_MAX_PIXELS)), sizes, images_per_prompt(c))
+
+
+def image_kwargs(c: ml_collections.ConfigDict) -> dict[str, Any]:
+    """The image arguments of `mr1jax.data.pipeline.make_rl_dataset` for this run."""
+    s = image_sizing(c)
+    return dict(image_size=s.fixed, min_pixels=s.min_pixels, max_pixels=s.max_pixels, patch_buckets=s.buckets,
+                images_per_prompt=s.images_per_prompt)
+
+
+def task_image_size(c: ml_collections.ConfigDict) -> int:
+    """Side of the synthetic tasks' square scenes: data.image_size, or with native resolution data.scene_size."""
+    return int(c.data.image_size or c.data.get("scene_size", 112))
 
 
 def make_optimizer(lr, c: ml_collections.ConfigDict) -> optax.GradientTransformation:

@@ -17,6 +17,8 @@ from typing import Any
 
 import ml_collections
 
+from mr1jax.data.vision import DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS
+
 __all__ = ["DEFAULTS", "EvalError", "FIELD_PRESETS", "load_rows", "resolve"]
 
 # Used when no run config gives them (an --hf_path outside a run directory).
@@ -226,6 +228,12 @@ def resolve(args: argparse.Namespace) -> dict[str, Any]:
         num_examples=args.num_examples if args.num_examples is not None else (DEFAULT_TASK_EXAMPLES if task else None),
         data_seed=pick(args.data_seed, c.seed if c is not None else 0, 0),
         image_size=pick(args.image_size, c.data.image_size if c else None, DEFAULTS["image_size"]),
+        min_pixels=pick(getattr(args, "min_pixels", None), c.data.get("min_pixels", DEFAULT_MIN_PIXELS) if c else None,
+                        DEFAULT_MIN_PIXELS),
+        max_pixels=pick(getattr(args, "max_pixels", None), c.data.get("max_pixels", DEFAULT_MAX_PIXELS) if c else None,
+                        DEFAULT_MAX_PIXELS),
+        images_per_prompt=int(c.data.get("images_per_prompt", 1)) if c else 1,
+        scene_size=int(c.data.get("scene_size", 112)) if c else 112,
         prompt_bucket=pick(args.prompt_bucket, c.data.prompt_bucket if c else None, DEFAULTS["prompt_bucket"]),
         question_template=pick(args.question_template, c.data.question_template if c else None,
                                DEFAULTS["question_template"]),
@@ -235,12 +243,15 @@ def resolve(args: argparse.Namespace) -> dict[str, Any]:
                               DEFAULTS["reward_timeout_s"]),
         dtype=args.dtype or (_hf_dtype(args.hf_path) if args.hf_path else c.model.dtype),
     )
-    for name in ("num_examples", "batch_size", "max_new_tokens", "prompt_bucket", "image_size", "num_samples"):
+    for name in ("num_examples", "batch_size", "max_new_tokens", "prompt_bucket", "num_samples"):
         value = cfg.get(name, getattr(args, name, None))
         if value is not None and value < 1:
             raise EvalError(f"--{name} must be a positive integer, got {value}")
-    if cfg["image_size"] % 28:
-        raise EvalError(f"--image_size={cfg['image_size']} must be a multiple of 28")
+    if cfg["image_size"] < 0 or cfg["image_size"] % 28:
+        raise EvalError(f"--image_size={cfg['image_size']} must be a multiple of 28, or 0 (native resolution "
+                        "between --min_pixels and --max_pixels)")
+    if not 0 < cfg["min_pixels"] <= cfg["max_pixels"]:
+        raise EvalError(f"need 0 < --min_pixels <= --max_pixels, got {cfg['min_pixels']}, {cfg['max_pixels']}")
     if "{question}" not in cfg["question_template"]:
         raise EvalError(f"--question_template must contain '{{question}}', got {cfg['question_template']!r}")
     if args.temperature < 0 or not 0 < args.top_p <= 1 or args.top_k < 0:
@@ -268,7 +279,7 @@ def load_rows(cfg: dict[str, Any]) -> tuple[Sequence[Mapping[str, Any]], int, in
         data=dict(task=cfg["task"] or "", train_files="", eval_files=",".join(cfg["files"]), tfds=cfg["tfds"],
                   tfds_data_dir=cfg["tfds_data_dir"],
                   fields=cfg["fields"] or "generic", skip_bad_rows=cfg["skip_bad_rows"],
-                  num_eval=cfg["num_examples"] or 0, image_size=cfg["image_size"])))
+                  num_eval=cfg["num_examples"] or 0, image_size=cfg["image_size"], scene_size=cfg["scene_size"])))
     rows = build_rows(c, "eval")
     skipped = int(getattr(rows, "skipped", 0))
     n = len(rows) if cfg["num_examples"] is None else min(cfg["num_examples"], len(rows))

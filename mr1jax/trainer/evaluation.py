@@ -22,25 +22,26 @@ from mr1jax.parallel import distributed, sharding
 from mr1jax.rl import reward_runner
 from mr1jax.rl.ptst import Stage
 from mr1jax.trainer import rollout
-from mr1jax.trainer.build import build_model, restore_params
-from mr1jax.trainer.config import main_task_name, user_data
+from mr1jax.trainer.build import build_model, restore_params, task_rows
+from mr1jax.trainer.config import image_kwargs, main_task_name, user_data
 from mr1jax.trainer.eval_inputs import EvalError, IndexedRows, load_rows, resolve, say
 
 
 def _eval_batches(rows, tokenizer, c, batch_size: int, shard_index: int = 0, shard_count: int = 1):
     """Held-out prompt batches in row order (fixed shapes, the training prompt template); with several processes,
     this process's `batch_size` rows of each global batch."""
-    return make_rl_dataset(rows, tokenizer=tokenizer, batch_size=batch_size, image_size=c.data.image_size,
-                           prompt_buckets=(c.data.prompt_bucket,), seed=c.seed, shuffle=False, num_epochs=1,
-                           question_template=c.data.question_template, pad_to_max_bucket=True,
-                           shard_index=shard_index, shard_count=shard_count)
+    return make_rl_dataset(rows, tokenizer=tokenizer, batch_size=batch_size, prompt_buckets=(c.data.prompt_bucket,),
+                           seed=c.seed, shuffle=False, num_epochs=1, question_template=c.data.question_template,
+                           pad_to_max_bucket=True, shard_index=shard_index, shard_count=shard_count,
+                           **image_kwargs(c))
 
 
 def _complete_and_score(model, tokenizer, batch, c, max_new_tokens: int, temperature: float = 0.0, rng=None,
                         mesh=None):
     """One completion per prompt of `batch`: (texts, accuracy [B], format [B], completion lengths [B])."""
     ro = generate(model, batch.input_ids, batch.attention_mask, batch.pixel_values, batch.image_grid_thw,
-                  num_samples=1, max_new_tokens=max_new_tokens, temperature=temperature, rng=rng, mesh=mesh)
+                  num_samples=1, max_new_tokens=max_new_tokens, temperature=temperature, rng=rng, mesh=mesh,
+                  patches_per_prompt=batch.patches_per_prompt)
     mask = distributed.local_rows(ro.mask)
     texts = rollout.decode_completions(tokenizer, distributed.local_rows(ro.tokens), mask)
     acc, fmt, _ = rollout.reward_parts(texts, [str(a) for a in batch.answers], c.rl.reward_timeout_s)
@@ -96,7 +97,7 @@ def evaluate_tasks(model, tokenizer, eval_rows, c, max_new_tokens: int, mesh=Non
     if not user_data(c):
         for task in TASKS:
             if task != c.data.task:
-                rows = TASKS[task](c.data.num_eval, seed=c.seed, split="test", image_size=c.data.image_size)
+                rows = task_rows(c, task, c.data.num_eval, "test")
                 out[task] = evaluate(model, tokenizer, rows, c, max_new_tokens, mesh)
     return out
 
@@ -156,7 +157,8 @@ def run_eval(args: argparse.Namespace) -> dict[str, Any]:
     bs = min(cfg["batch_size"], n)
     pad = -n % bs + (bs if args.skip_bad_rows else 0)
     ds = make_rl_dataset(IndexedRows(rows, n, pad), tokenizer=tokenizer, batch_size=bs,
-                         image_size=cfg["image_size"], prompt_buckets=(cfg["prompt_bucket"],), seed=0,
+                         image_size=cfg["image_size"], min_pixels=cfg["min_pixels"], max_pixels=cfg["max_pixels"],
+                         images_per_prompt=cfg["images_per_prompt"], prompt_buckets=(cfg["prompt_bucket"],), seed=0,
                          shuffle=False, num_epochs=1, question_template=cfg["question_template"],
                          skip_bad_rows=args.skip_bad_rows, pad_to_max_bucket=True)
     num_batches = (n + pad) // bs
@@ -164,6 +166,7 @@ def run_eval(args: argparse.Namespace) -> dict[str, Any]:
         dict(tfds=cfg["tfds"], split=getattr(rows, "split", None)) if cfg["tfds"] else \
         dict(files=[os.path.abspath(f) for f in cfg["files"]], fields=cfg["fields"])
     data_info.update(image_size=cfg["image_size"], prompt_bucket=cfg["prompt_bucket"],
+                     **({} if cfg["image_size"] else dict(min_pixels=cfg["min_pixels"], max_pixels=cfg["max_pixels"])),
                      question_template=cfg["question_template"])
     say(t0, f"data: {n} prompt(s) of {cfg['label']}, {num_batches} batch(es) of {bs}, {k} completion(s) each, "
              f"up to {cfg['max_new_tokens']} new tokens, "
@@ -177,7 +180,8 @@ def run_eval(args: argparse.Namespace) -> dict[str, Any]:
     for b, batch in enumerate(ds):
         ro = generate(model, batch.input_ids, batch.attention_mask, batch.pixel_values, batch.image_grid_thw,
                       num_samples=k, max_new_tokens=cfg["max_new_tokens"], temperature=args.temperature,
-                      top_p=args.top_p, top_k=args.top_k, rng=jax.random.fold_in(key, b))
+                      top_p=args.top_p, top_k=args.top_k, rng=jax.random.fold_in(key, b),
+                      patches_per_prompt=batch.patches_per_prompt)
         tokens, mask = np.asarray(ro.tokens), np.asarray(ro.mask)
         texts = rollout.decode_completions(tokenizer, tokens, mask)
         answers = [str(a) for a in np.repeat(batch.answers, k)]

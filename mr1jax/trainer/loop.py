@@ -25,13 +25,14 @@ from mr1jax.rl.ptst import is_stage_boundary, stage_at
 from mr1jax.trainer import state as st
 from mr1jax.trainer.build import build_model, build_rows, split_for_training
 from mr1jax.trainer.checkpoint import Checkpointer, PreemptionGuard, checkpoint_tree, restore_state
-from mr1jax.trainer.config import (ConfigError, beta_schedule, log_every, make_optimizers, model_dtypes, phase_steps,
-                                   updates_per_rl_step, uses_kl, validate_config)
+from mr1jax.trainer.config import (ConfigError, beta_schedule, log_every, image_kwargs, image_sizing,
+                                   make_optimizers, model_dtypes, phase_steps, updates_per_rl_step, uses_kl,
+                                   validate_config)
 from mr1jax.trainer.evaluation import eval_max_new_tokens, evaluate, evaluate_tasks
 from mr1jax.trainer.metrics import MetricsWriter, log_before_rl, read_before_rl, truncate_metrics, write_summary
 from mr1jax.trainer.plots import plot_curves
 from mr1jax.trainer.run_dir import check_run_dir, export_hf, lock_workdir, record_run_start, write_config
-from mr1jax.trainer.step import StepFunctions, images_per_prompt, rl_step, sft_step, start_rl
+from mr1jax.trainer.step import StepFunctions, rl_step, sft_patch_bucket, sft_step, start_rl
 from mr1jax.trainer.watch import StepWatch, TrainingDivergedError, eta_text, rl_step_cost_ratio
 
 #: Exit statuses of `python -m mr1jax.train` (README, "Two commands"): 0 finished (or stopped at max_steps),
@@ -109,10 +110,11 @@ def _train(c: ml_collections.ConfigDict, workdir: str, stages, devices) -> dict[
     train_rows, eval_rows = build_rows(c, "train"), build_rows(c, "eval")
     local_prompts = c.data.batch_size // processes                  # this process's share of every batch
     data_iter = iter(make_rl_dataset(
-        train_rows, tokenizer=tokenizer, batch_size=local_prompts, image_size=c.data.image_size,
-        prompt_buckets=(c.data.prompt_bucket,), seed=c.seed, question_template=c.data.question_template,
-        pad_to_max_bucket=True, skip_bad_rows=c.data.skip_bad_rows, images_per_prompt=images_per_prompt(c),
-        shard_index=jax.process_index(), shard_count=processes))
+        train_rows, tokenizer=tokenizer, batch_size=local_prompts, prompt_buckets=(c.data.prompt_bucket,),
+        seed=c.seed, question_template=c.data.question_template, pad_to_max_bucket=True,
+        skip_bad_rows=c.data.skip_bad_rows, shard_index=jax.process_index(), shard_count=processes,
+        **image_kwargs(c)))
+    sizing = image_sizing(c)
     sft_trace = annotator_trace(c.sft.annotator_miss_rate, c.sft.annotator_min_count, c.seed)
     sft_len = c.data.prompt_bucket + max(s.max_new_tokens for s in stages)
     say(f"data: {len(train_rows)} train rows, {len(eval_rows) if eval_rows is not None else 'no'} eval rows, "
@@ -170,7 +172,9 @@ def _train(c: ml_collections.ConfigDict, workdir: str, stages, devices) -> dict[
                 spare = sft_examples_for_step(train_rows, state.step + 1, local_prompts, c.seed, *share) \
                     if c.data.skip_bad_rows else ()              # replacements for bad rows, deterministic
                 state, last = sft_step(state, fns, tokenizer, model_config, examples, c=c,
-                                       seq_len=sft_len, response_fn=sft_trace, spare=spare)
+                                       seq_len=sft_len, response_fn=sft_trace, spare=spare,
+                                       patches_per_example=sft_patch_bucket(sizing, train_rows, state.step,
+                                                                            c.data.batch_size, c.seed))
                 line = f"sft step {state.step}/{end} loss {last['sft_loss']:.4f} grad_norm {last['grad_norm']:.3f}"
             else:
                 stage_idx, stage = stage_at(stages, state.step - sft_steps)

@@ -7,6 +7,7 @@ import numpy as np
 
 from mr1jax.parallel import distributed
 from mr1jax.models.qwen2_vl import prepare_inputs
+from mr1jax.models.qwen2_vl.model import images_per_row
 from mr1jax.rl import reward_runner
 from mr1jax.rl import rewards as rw
 from mr1jax.rl.ptst import Stage
@@ -44,9 +45,10 @@ def rollout_batch(model, tokenizer, batch, stage: Stage, c, rng, mesh=None) -> t
     sampler-trainer gap.
     """
     g = stage.num_samples
+    per_prompt = getattr(batch, "patches_per_prompt", None)        # native resolution: padded per prompt
     ro = generate(model, batch.input_ids, batch.attention_mask, batch.pixel_values, batch.image_grid_thw,
                   num_samples=g, max_new_tokens=stage.max_new_tokens, temperature=c.rollout.temperature,
-                  top_p=c.rollout.top_p, top_k=c.rollout.top_k, rng=rng, mesh=mesh)
+                  top_p=c.rollout.top_p, top_k=c.rollout.top_k, rng=rng, mesh=mesh, patches_per_prompt=per_prompt)
     tokens, mask = distributed.local_rows(ro.tokens), distributed.local_rows(ro.mask)
     texts = decode_completions(tokenizer, tokens, mask)
     answers = [str(a) for a in np.repeat(batch.answers, g)]
@@ -55,13 +57,20 @@ def rollout_batch(model, tokenizer, batch, stage: Stage, c, rng, mesh=None) -> t
     full_ids = np.concatenate([np.repeat(batch.input_ids, g, 0), tokens], 1)
     full_mask = np.concatenate([np.repeat(batch.attention_mask, g, 0), mask], 1)
     cfg = model.config
-    grids = np.asarray(batch.image_grid_thw).reshape(len(batch.input_ids), -1, 3)     # a prompt's images stay together
-    positions = prepare_inputs(cfg, full_ids, full_mask, np.repeat(grids, g, 0).reshape(-1, 3)).position_ids
-    prompt_extra = prepare_inputs(cfg, batch.input_ids, batch.attention_mask, batch.image_grid_thw)
+    grid = np.asarray(batch.image_grid_thw, np.int64).reshape(-1, 3)
+    starts = np.cumsum([0, *images_per_row(cfg, batch.input_ids, grid)])
+    rows_grids = [grid[starts[i]:starts[i + 1]] for i in range(len(batch.input_ids))]   # a prompt's images
+    positions = prepare_inputs(cfg, full_ids, full_mask,
+                               np.concatenate([r for r in rows_grids for _ in range(g)] + [np.zeros((0, 3), np.int64)])
+                               ).position_ids
+    prompt_extra = prepare_inputs(cfg, batch.input_ids, batch.attention_mask, batch.image_grid_thw,
+                                  patches_per_row=per_prompt)
     host_batch = dict(input_ids=full_ids.astype(np.int32), attention_mask=full_mask.astype(np.int32),
                       position_ids=positions.astype(np.int32), pixel_values=np.asarray(batch.pixel_values, np.float32),
                       patch_pos=prompt_extra.patch_pos.astype(np.int32), completion_mask=mask.astype(np.int32),
                       sampler_logps=distributed.local_rows(ro.logprobs).astype(np.float32), rewards=rewards)
+    if per_prompt is not None:
+        host_batch["patch_segments"] = prompt_extra.patch_segments.astype(np.int32)
     # Statistics of the global batch (a collective: every process takes part).
     per_row = distributed.gather(np.stack([rewards, acc, fmt, mask.sum(1),
                                            distributed.local_rows(ro.truncated)], 1).astype(np.float64))
@@ -80,8 +89,8 @@ def select_groups(batch: dict[str, jax.Array], groups: np.ndarray, g: int, promp
     for k, v in batch.items():
         if k == "position_ids":
             out[k] = v[:, rows]
-        elif k in ("pixel_values", "patch_pos"):
-            out[k] = v.reshape(prompts, -1, v.shape[-1])[groups].reshape(-1, v.shape[-1])
+        elif k in ("pixel_values", "patch_pos", "patch_segments"):         # per-prompt blocks of patches
+            out[k] = v.reshape(prompts, -1, *v.shape[1:])[groups].reshape(-1, *v.shape[1:])
         else:
             out[k] = v[rows]
     return out

@@ -134,11 +134,13 @@ def _patches_per_image(config: Qwen2VLConfig, image_size: int) -> int:
 
 def grpo_batch_spec(config: Qwen2VLConfig, cfg: GRPOConfig, prompts: int, image_size: int, max_new_tokens: int,
                     *, with_ref: bool = True, with_old: bool = False, with_sampler: bool = True,
-                    images_per_prompt: int = 1) -> dict[str, jax.ShapeDtypeStruct]:
+                    images_per_prompt: int = 1, patches_per_prompt: int | None = None
+                    ) -> dict[str, jax.ShapeDtypeStruct]:
     """Abstract rollout batch as the loop builds it: `prompts` x G rows of prompt_len + max_new_tokens tokens,
-    `images_per_prompt` image_size x image_size images per prompt."""
+    `images_per_prompt` image_size x image_size images per prompt (native resolution: `patches_per_prompt` P
+    patches per prompt, with their segment ids)."""
     rows, seq, t = prompts * cfg.num_samples, cfg.prompt_len + max_new_tokens, max_new_tokens
-    n = prompts * images_per_prompt * _patches_per_image(config, image_size)
+    n = prompts * (patches_per_prompt or images_per_prompt * _patches_per_image(config, image_size))
     s = jax.ShapeDtypeStruct
     spec = dict(input_ids=s((rows, seq), jnp.int32), attention_mask=s((rows, seq), jnp.int32),
                 position_ids=s((3, rows, seq), jnp.int32), pixel_values=s((n, config.vision.patch_dim), jnp.float32),
@@ -147,17 +149,23 @@ def grpo_batch_spec(config: Qwen2VLConfig, cfg: GRPOConfig, prompts: int, image_
     for flag, key in ((with_ref, "ref_logps"), (with_old, "old_logps"), (with_sampler, "sampler_logps")):
         if flag:
             spec[key] = s((rows, t), jnp.float32)
+    if patches_per_prompt:
+        spec["patch_segments"] = s((n,), jnp.int32)
     return spec
 
 
-def sft_batch_spec(config: Qwen2VLConfig, examples: int, seq_len: int, image_size: int, images_per_prompt: int = 1
-                   ) -> dict[str, jax.ShapeDtypeStruct]:
-    """Abstract SFT batch: `examples` sequences of seq_len tokens, `images_per_prompt` images each."""
-    n = examples * images_per_prompt * _patches_per_image(config, image_size)
+def sft_batch_spec(config: Qwen2VLConfig, examples: int, seq_len: int, image_size: int, images_per_prompt: int = 1,
+                   patches_per_prompt: int | None = None) -> dict[str, jax.ShapeDtypeStruct]:
+    """Abstract SFT batch: `examples` sequences of seq_len tokens, `images_per_prompt` images each (native
+    resolution: `patches_per_prompt` patches each, with their segment ids)."""
+    n = examples * (patches_per_prompt or images_per_prompt * _patches_per_image(config, image_size))
     s = jax.ShapeDtypeStruct
-    return dict(input_ids=s((examples, seq_len), jnp.int32), attention_mask=s((examples, seq_len), jnp.int32),
+    spec = dict(input_ids=s((examples, seq_len), jnp.int32), attention_mask=s((examples, seq_len), jnp.int32),
                 loss_mask=s((examples, seq_len), jnp.int32), position_ids=s((3, examples, seq_len), jnp.int32),
                 pixel_values=s((n, config.vision.patch_dim), jnp.float32), patch_pos=s((n, 2), jnp.int32))
+    if patches_per_prompt:
+        spec["patch_segments"] = s((n,), jnp.int32)
+    return spec
 
 
 # --------------------------------------------------------------------------------------------- jitted steps

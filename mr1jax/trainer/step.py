@@ -26,10 +26,12 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from mr1jax.trainer import state as st
-from mr1jax.data.sft import sft_batch, sft_update_batch
+from mr1jax.data.examples import example_images
+from mr1jax.data.sft import sft_batch, sft_examples_for_step, sft_update_batch
+from mr1jax.data.sizing import ImageSizing
 from mr1jax.rl.ptst import Stage
 from mr1jax.rl.update import GRPOConfig, SFTConfig
-from mr1jax.trainer.config import updates_per_rl_step
+from mr1jax.trainer.config import image_sizing, images_per_prompt, updates_per_rl_step
 from mr1jax.trainer.rollout import rollout_batch, select_groups
 
 # Metrics of several updates in one RL step combine like this (the rest: mean over updates).
@@ -97,15 +99,20 @@ class StepFunctions:
         return out
 
 
-def images_per_prompt(c: ml_collections.ConfigDict) -> int:
-    """``data.images_per_prompt`` (1 for configs written before the field existed)."""
-    return int(c.data.get("images_per_prompt", 1))
+def sft_patch_bucket(sizing: ImageSizing, rows, step: int, global_batch: int, seed: int) -> int | None:
+    """Native resolution: the patch bucket of SFT step `step`'s whole (global) batch, from its images' headers,
+    so that every process pads its share to the same shape; None at fixed size."""
+    if not sizing.native:
+        return None
+    examples = sft_examples_for_step(rows, step, global_batch, seed)
+    most = max(sum(h * w for h, w in map(sizing.grid_of, example_images(e))) for e in examples)
+    return sizing.patch_buckets()(most)
 
 
 def sft_config(c: ml_collections.ConfigDict) -> SFTConfig:
     m = c.sft.micro_batches
-    return SFTConfig(micro_batches=m, patch_segments=c.data.batch_size // m * images_per_prompt(c),
-                     logit_chunk=c.model.logit_chunk)
+    uniform = c.data.batch_size // m * images_per_prompt(c) if c.data.image_size else None   # native: ids
+    return SFTConfig(micro_batches=m, patch_segments=uniform, logit_chunk=c.model.logit_chunk)
 
 
 def grpo_config(c: ml_collections.ConfigDict, stage: Stage, *, whole_batch: bool = False) -> GRPOConfig:
@@ -116,24 +123,31 @@ def grpo_config(c: ml_collections.ConfigDict, stage: Stage, *, whole_batch: bool
     return GRPOConfig(num_samples=stage.num_samples, prompt_len=c.data.prompt_bucket, eps_low=c.rl.eps_low,
                       eps_high=c.rl.eps_high, agg=c.rl.agg, kl_estimator=c.rl.kl_estimator,
                       k3_clamp=c.rl.k3_clamp or None, micro_batches=micro,
-                      patch_segments=per_update // c.rl.micro_batches * images_per_prompt(c),
+                      patch_segments=per_update // c.rl.micro_batches * images_per_prompt(c) if c.data.image_size
+                      else None,                            # native resolution: segment ids in the batch
                       logit_chunk=c.model.logit_chunk)
 
 
 
 def sft_step(state: st.TrainState, fns: StepFunctions, tokenizer, model_config, examples: list[dict], *,
-             c: ml_collections.ConfigDict, seq_len: int, response_fn, spare=()) -> tuple[st.TrainState, dict[str, float]]:
+             c: ml_collections.ConfigDict, seq_len: int, response_fn, spare=(), patches_per_example: int | None = None
+             ) -> tuple[st.TrainState, dict[str, float]]:
     """One cold-start SFT optimizer step on `examples` (with `data.skip_bad_rows`, a bad one is replaced by the
-    next good one of `spare`)."""
+    next good one of `spare`). Native resolution: every example's patches padded to `patches_per_example` (the
+    global batch's bucket; None = this batch's own)."""
     t0 = time.perf_counter()
-    b = sft_batch(tokenizer, examples, image_size=c.data.image_size, seq_len=seq_len,
+    b = sft_batch(tokenizer, examples, sizing=image_sizing(c), seq_len=seq_len,
                   question_template=c.data.question_template, response_fn=response_fn,
-                  skip_bad_rows=c.data.skip_bad_rows, spare=spare, images_per_prompt=images_per_prompt(c))
+                  skip_bad_rows=c.data.skip_bad_rows, spare=spare, patches_per_example=patches_per_example)
     batch = st.put_batch(sft_update_batch(model_config, b), fns.mesh)
     params, opt_state, m = fns.sft(state.params, state.opt_state, batch, sft_config(c))
     state = state.replace(params=params, opt_state=opt_state, step=state.step + 1)
-    return state, {"sft_loss": float(m["loss"]), "grad_norm": float(m["grad_norm"]),
-                   "skipped": int(m["skipped"]), "time_step": time.perf_counter() - t0}
+    out = {"sft_loss": float(m["loss"]), "grad_norm": float(m["grad_norm"]), "skipped": int(m["skipped"]),
+           "time_step": time.perf_counter() - t0}
+    if "patches_per_example" in b:           # native resolution: the bucket and its share of padding patches
+        out.update(patch_bucket=int(b["patches_per_example"]),
+                   patch_padding=_padding(b["image_grid_thw"], len(examples) * b["patches_per_example"]))
+    return state, out
 
 
 def rl_step(state: st.TrainState, fns: StepFunctions, tokenizer, prompts, stage: Stage, beta: float, *,
@@ -174,7 +188,15 @@ def rl_step(state: st.TrainState, fns: StepFunctions, tokenizer, prompts, stage:
                    kl=m.get("kl", 0.0), sampler_gap_mean=m["sampler_gap_mean"],
                    sampler_gap_max=m["sampler_gap_max"], time_rollout=t1 - t0, time_reference=t2 - t1,
                    time_update=t3 - t2, time_step=t3 - t0)
+    if getattr(prompts, "patches_per_prompt", None) is not None:
+        metrics.update(patch_bucket=int(prompts.patches_per_prompt),
+                       patch_padding=_padding(prompts.image_grid_thw, len(prompts.pixel_values)))
     return state, metrics
+
+
+def _padding(image_grid_thw, slots: int) -> float:
+    """Fraction of a padded batch's patch slots that are padding."""
+    return 1.0 - float(np.asarray(image_grid_thw).reshape(-1, 3).prod(-1).sum()) / max(slots, 1)
 
 
 def start_rl(state: st.TrainState, fns: StepFunctions, *, kl_on: bool, ref_dtype, lora_merge_seed: int | None = None

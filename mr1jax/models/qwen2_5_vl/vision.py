@@ -30,7 +30,7 @@ from mr1jax.models.qwen2_5_vl.config import Qwen25VisionConfig
 from mr1jax.models.qwen2_vl import layers as nn
 from mr1jax.models.qwen2_vl.layers import Dense, RMSNorm
 from mr1jax.models.qwen2_vl.rope import vision_cos_sin
-from mr1jax.models.qwen2_vl.vision import VisionAttention, VisionTower
+from mr1jax.models.qwen2_vl.vision import VisionAttention, VisionTower, segment_attention
 from mr1jax.parallel.sharding import constrain_batch
 
 
@@ -93,24 +93,16 @@ def local_window_attention(q: jax.Array, k: jax.Array, v: jax.Array, window_id: 
     return out.reshape(nb * block, h, d)[:n]
 
 
-def segment_attention(q: jax.Array, k: jax.Array, v: jax.Array, segments: jax.Array | int) -> jax.Array:
-    """Full attention within segments: `segments` a static count of equal contiguous segments (batched, no
-    mask) or [N] segment ids (dense mask)."""
-    n, h, d = q.shape
-    if isinstance(segments, int):
-        shape = (segments, n // segments, h, d)
-        return jax.nn.dot_product_attention(q.reshape(shape), k.reshape(shape), v.reshape(shape)).reshape(n, h, d)
-    mask = (segments[:, None] == segments[None, :])[None, None]
-    return jax.nn.dot_product_attention(q[None], k[None], v[None], mask=mask)[0]
-
-
-def window_order(patch_pos: jax.Array, segment_ids: jax.Array, window: int) -> tuple[jax.Array, jax.Array]:
-    """(order, window_id): the permutation sorting patches by (segment, window row, window column, index),
-    and each sorted patch's window number (0, 1, ... in sorted order). Static shapes."""
+def window_order(patch_pos: jax.Array, segment_ids: jax.Array, window: int, blocks: jax.Array | None = None
+                 ) -> tuple[jax.Array, jax.Array]:
+    """(order, window_id): the permutation sorting patches by (block, segment, window row, window column, index),
+    and each sorted patch's window number (0, 1, ... in sorted order). `blocks` [N]: the row block of each patch
+    in the per-prompt padded layout (segment ids restart in every block), or None. Static shapes."""
     n = patch_pos.shape[0]
     wh, ww = patch_pos[:, 0] // window, patch_pos[:, 1] // window
-    order = jnp.lexsort((jnp.arange(n), ww, wh, segment_ids))
-    keys = jnp.stack([segment_ids, wh, ww], axis=-1)[order]
+    blocks = jnp.zeros((n,), jnp.int32) if blocks is None else blocks
+    order = jnp.lexsort((jnp.arange(n), ww, wh, segment_ids, blocks))
+    keys = jnp.stack([blocks, segment_ids, wh, ww], axis=-1)[order]
     new = jnp.concatenate([jnp.ones((1,), bool), jnp.any(keys[1:] != keys[:-1], axis=-1)])
     return order, jnp.cumsum(new) - 1
 
@@ -123,15 +115,19 @@ class WindowVisionTower(VisionTower):
     block_class = WindowBlock
     merger_norm = RMSNorm
 
-    def __call__(self, pixel_values: jax.Array, patch_pos: jax.Array, segments: jax.Array | int) -> jax.Array:
+    def __call__(self, pixel_values: jax.Array, patch_pos: jax.Array, segments: jax.Array | int,
+                 block: int | None = None) -> jax.Array:
         cfg = self.cfg
         n = pixel_values.shape[0]
         seg_ids = (jnp.asarray(np.repeat(np.arange(segments), n // segments), jnp.int32)
                    if isinstance(segments, int) else segments)
-        order, window_id = window_order(patch_pos, seg_ids, cfg.window_patches)
+        # per-prompt padded layout: the row block is the sort's leading key, so each block stays in place
+        blocks = None if block is None else jnp.arange(n, dtype=jnp.int32) // block
+        order, window_id = window_order(patch_pos, seg_ids, cfg.window_patches, blocks)
         cos, sin = vision_cos_sin(patch_pos[order], cfg.head_dim, cfg.rope_theta)
         x = self.patch_embed(pixel_values.astype(self.dtype))[order]
-        full_segments = segments if isinstance(segments, int) else seg_ids[order]
+        full_segments = segments if isinstance(segments, int) else \
+            seg_ids[order] if block is None else (block, seg_ids[order])
         is_full = jnp.asarray(np.isin(np.arange(cfg.depth), cfg.fullatt_block_indexes))
         block_len = cfg.window_patches**2
 

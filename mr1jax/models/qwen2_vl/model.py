@@ -42,16 +42,47 @@ class ModelInputs:
     patch_pos:      [N, 2] int32 (h, w) per patch, or None without images.
     patch_segments: [N] int32 attention segment per patch, or a Python int (number of equal-size segments,
                     used when every image has the same grid: a static value, no N x N mask).
+    patch_block:    None, or P of the per-prompt padded layout (`prepare_inputs(..., patches_per_row=P)`):
+                    N = B * P, row b's patches in [b*P, (b+1)*P) followed by padding; `patch_segments` then
+                    numbers the images within each row (padding: `rope.PAD_SEGMENT`) and vision attention
+                    stays inside each row's block and segment.
     """
 
     position_ids: np.ndarray
     rope_deltas: np.ndarray
     patch_pos: np.ndarray | None = None
     patch_segments: np.ndarray | int | None = None
+    patch_block: int | None = None
+    features_per_row: int | None = None     # P / merge^2: image-feature slots per row of the padded layout
 
 
-def prepare_inputs(config: Qwen2VLConfig, input_ids, attention_mask=None, image_grid_thw=None) -> ModelInputs:
+def images_per_row(config: Qwen2VLConfig, input_ids, image_grid_thw) -> np.ndarray:
+    """[B] how many of the batch's images (grids in row-major order) each row holds, from its `<|image_pad|>`
+    count. Raises `ImageTokenMismatchError` naming the row and both counts when a row's tokens do not add up to
+    whole images."""
+    merge = config.vision.spatial_merge_size
+    tokens = (np.asarray(input_ids) == config.image_token_id).sum(1)
+    per_image = np.asarray(image_grid_thw, np.int64).reshape(-1, 3).prod(-1) // merge**2
+    counts, i = np.zeros(len(tokens), np.int64), 0
+    for b, want in enumerate(tokens):
+        got = 0
+        while got < want and i < len(per_image):
+            got += int(per_image[i])
+            i += 1
+            counts[b] += 1
+        if got != want:
+            raise ImageTokenMismatchError(
+                f"Image features and image tokens do not match in row {b}: it holds {int(want)} <|image_pad|> "
+                f"tokens but its image(s) give {got} features")
+    return counts
+
+
+def prepare_inputs(config: Qwen2VLConfig, input_ids, attention_mask=None, image_grid_thw=None,
+                   patches_per_row: int | None = None) -> ModelInputs:
     """Position ids, rope deltas and vision patch layout for a batch (numpy, host side).
+
+    patches_per_row: None (the images' patches concatenated), or P of the per-prompt padded layout (each row's
+    patches padded to P; see `ModelInputs.patch_block`).
 
     Raises `ImageTokenMismatchError` when the number of `<|image_pad|>` tokens differs from what the image grids
     produce (t*h*w / merge^2 each), naming both numbers.
@@ -68,8 +99,15 @@ def prepare_inputs(config: Qwen2VLConfig, input_ids, attention_mask=None, image_
             f"Image features and image tokens do not match: the prompts hold {n_tokens} <|image_pad|> tokens "
             f"(id {config.image_token_id}) but the {0 if grid is None else len(grid)} image(s) give {n_features} "
             "features (t*h*w/merge^2 each); expand each image placeholder to its feature count")
+    counts = images_per_row(config, input_ids, np.zeros((0, 3)) if grid is None else grid)   # names a bad row
     position_ids, deltas = rope.mrope_position_ids(input_ids, attention_mask, grid,
                                                    image_token_id=config.image_token_id, merge_size=merge)
+    if patches_per_row is not None:
+        if patches_per_row % merge**2:
+            raise ValueError(f"patches_per_row = {patches_per_row} must be a multiple of {merge**2}")
+        patch_pos, segments = rope.padded_patch_layout(np.zeros((0, 3)) if grid is None else grid, counts,
+                                                       patches_per_row, merge)
+        return ModelInputs(position_ids, deltas, patch_pos, segments, patches_per_row, patches_per_row // merge**2)
     if grid is None or len(grid) == 0:
         return ModelInputs(position_ids, deltas)
     patch_pos = rope.vision_position_ids(grid, merge)
@@ -122,19 +160,26 @@ class Qwen2VL(nnx.Module):
         self.remat = self.model.remat = self.visual.remat = check_remat(policy)
 
     # ------------------------------------------------------------------ pieces (used by the sampler)
-    def image_features(self, pixel_values: jax.Array, patch_pos: jax.Array, patch_segments) -> jax.Array:
-        """[N, patch_dim] pixels -> [N / merge^2, hidden] features."""
-        return self.visual(pixel_values, patch_pos, patch_segments)
+    def image_features(self, pixel_values: jax.Array, patch_pos: jax.Array, patch_segments,
+                       patch_block: int | None = None) -> jax.Array:
+        """[N, patch_dim] pixels -> [N / merge^2, hidden] features (`patch_block`: see `ModelInputs`)."""
+        return self.visual(pixel_values, patch_pos, patch_segments, patch_block)
 
-    def embed(self, input_ids: jax.Array, image_features: jax.Array | None = None) -> jax.Array:
-        """Token embeddings [B, L, hidden] with image features scattered, in row-major order, into the
-        `<|image_pad|>` positions."""
+    def embed(self, input_ids: jax.Array, image_features: jax.Array | None = None,
+              features_per_row: int | None = None) -> jax.Array:
+        """Token embeddings [B, L, hidden] with image features scattered into the `<|image_pad|>` positions: in
+        row-major order over the whole batch, or, with `features_per_row` F (the per-prompt padded layout), row
+        b's k-th image token takes feature b * F + k."""
         x = self.model.embed_tokens(input_ids)
         if image_features is None:
             return x
         is_image = input_ids == self.config.image_token_id
-        idx = jnp.cumsum(is_image.reshape(-1)) - 1
-        idx = jnp.clip(idx, 0, image_features.shape[0] - 1).reshape(input_ids.shape)
+        if features_per_row is None:
+            idx = (jnp.cumsum(is_image.reshape(-1)) - 1).reshape(input_ids.shape)
+        else:
+            rows = jnp.arange(input_ids.shape[0], dtype=jnp.int32)[:, None]
+            idx = rows * features_per_row + jnp.cumsum(is_image, axis=1, dtype=jnp.int32) - 1
+        idx = jnp.clip(idx, 0, image_features.shape[0] - 1)
         return jnp.where(is_image[..., None], image_features.astype(x.dtype)[idx], x)
 
     def logits(self, hidden: jax.Array, out_dtype=jnp.float32) -> jax.Array:
@@ -167,12 +212,13 @@ class Qwen2VL(nnx.Module):
 
     # ------------------------------------------------------------------ full forward
     def hidden_states(self, input_ids: jax.Array, attention_mask: jax.Array, position_ids: jax.Array,
-                      image_features: jax.Array | None = None) -> jax.Array:
+                      image_features: jax.Array | None = None, features_per_row: int | None = None) -> jax.Array:
         """Final-norm hidden states [B, L, hidden] of full (causal, left-padded) sequences, no cache.
 
-        image_features: [n_pad_tokens, hidden] already computed (e.g. once per prompt and repeated), or None.
+        image_features: [n_pad_tokens, hidden] already computed (e.g. once per prompt and repeated), or
+        [B * features_per_row, hidden] in the per-prompt padded layout; or None.
         """
-        x = self.embed(input_ids, image_features)
+        x = self.embed(input_ids, image_features, features_per_row)
         valid = attention_mask.astype(bool)
         slots = jnp.broadcast_to(jnp.arange(input_ids.shape[1]), input_ids.shape)
         hidden, _ = self.decode_hidden(x, position_ids, attention_mask_4d(valid, valid, slots, slots))
@@ -180,7 +226,7 @@ class Qwen2VL(nnx.Module):
 
     def forward(self, input_ids: jax.Array, attention_mask: jax.Array, position_ids: jax.Array,
                 pixel_values: jax.Array | None = None, patch_pos: jax.Array | None = None,
-                patch_segments: jax.Array | int | None = None) -> jax.Array:
+                patch_segments: jax.Array | int | None = None, patch_block: int | None = None) -> jax.Array:
         """Jittable forward pass.
 
         Args:
@@ -189,13 +235,15 @@ class Qwen2VL(nnx.Module):
           position_ids: [3, B, L] from `prepare_inputs`.
           pixel_values: [N, patch_dim] for all images of the batch in row-major order, or None.
           patch_pos, patch_segments: from `prepare_inputs` (patch_segments as a static int when uniform).
+          patch_block: static P of the per-prompt padded layout (`ModelInputs.patch_block`), or None.
         Returns:
           logits [B, L, vocab] in float32 (bf16 matmul inputs, fp32 accumulation).
         """
         feats = None
         if pixel_values is not None:
-            feats = self.image_features(pixel_values, patch_pos, patch_segments)
-        return self.logits(self.hidden_states(input_ids, attention_mask, position_ids, feats))
+            feats = self.image_features(pixel_values, patch_pos, patch_segments, patch_block)
+        per_row = None if patch_block is None else patch_block // self.config.vision.spatial_merge_size**2
+        return self.logits(self.hidden_states(input_ids, attention_mask, position_ids, feats, per_row))
 
     def __call__(self, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None) -> jax.Array:
         """Host convenience call: logits [B, L, vocab]. Not for use under `jax.jit` (see `forward`)."""

@@ -46,6 +46,42 @@ def vision_segment_ids(image_grid_thw: np.ndarray) -> np.ndarray:
     return np.repeat(np.arange(len(sizes)), sizes).astype(np.int32)
 
 
+#: Segment id of the padding patches in a per-prompt padded layout (`padded_patch_layout`); real segments are
+#: numbered 0, 1, ... within each prompt.
+PAD_SEGMENT = 2**30
+
+
+def padded_patch_layout(image_grid_thw: np.ndarray, images_per_row: np.ndarray, patches_per_row: int,
+                        merge_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """(patch_pos [B*P, 2], segments [B*P]) of the per-prompt padded layout: row b's images' patches (in order)
+    fill its block [b*P, (b+1)*P), then padding patches (position (0, 0), segment `PAD_SEGMENT`). Segment ids
+    count the (image, temporal slice) pairs within each row from 0, so a row's ids do not depend on the other
+    rows (nor on which process holds them).
+
+    Args:
+      image_grid_thw: [n_images, 3] (t, h, w) of every image, row by row.
+      images_per_row: [B] how many of those images each row holds.
+      patches_per_row: P, a multiple of merge_size**2, at least any row's patch count.
+    """
+    grid = np.asarray(image_grid_thw, dtype=np.int64).reshape(-1, 3)
+    counts = np.asarray(images_per_row, dtype=np.int64)
+    if counts.sum() != len(grid):
+        raise ValueError(f"images_per_row sums to {int(counts.sum())} but there are {len(grid)} image grids")
+    pos = np.zeros((len(counts) * patches_per_row, 2), np.int32)
+    seg = np.full((len(counts) * patches_per_row,), PAD_SEGMENT, np.int32)
+    start = 0
+    for b, k in enumerate(counts):
+        rows = grid[start:start + k]
+        start += k
+        n = int((rows[:, 0] * rows[:, 1] * rows[:, 2]).sum()) if k else 0
+        if n > patches_per_row:
+            raise ValueError(f"row {b} has {n} patches, more than the {patches_per_row} per row of the layout")
+        if k:
+            pos[b * patches_per_row:b * patches_per_row + n] = vision_position_ids(rows, merge_size)
+            seg[b * patches_per_row:b * patches_per_row + n] = vision_segment_ids(rows)
+    return pos, seg
+
+
 def mrope_position_ids(
     input_ids: np.ndarray,
     attention_mask: np.ndarray | None,

@@ -13,6 +13,29 @@ from mr1jax.models.qwen2_vl.layers import Dense, LayerNorm
 from mr1jax.models.qwen2_vl.rope import apply_rotary, vision_cos_sin
 
 
+def segment_attention(q: jax.Array, k: jax.Array, v: jax.Array, segments) -> jax.Array:
+    """Full attention within segments; q, k, v [N, heads, D] -> [N, heads, D]. `segments` is one of:
+
+    - a static int S: S equal contiguous segments (every image one size): batched, no mask;
+    - a tuple (P, ids [N]): contiguous blocks of P patches (the per-prompt padded layout), and within a block
+      the patches of equal id (one image, or the padding): batched over blocks, a [P, P] mask per block;
+    - ids [N]: equal ids attend each other (a dense [N, N] mask).
+    """
+    n, h, d = q.shape
+    if isinstance(segments, int):
+        shape = (segments, n // segments, h, d)
+        return jax.nn.dot_product_attention(q.reshape(shape), k.reshape(shape), v.reshape(shape)).reshape(n, h, d)
+    if isinstance(segments, tuple):
+        block, ids = segments
+        shape = (n // block, block, h, d)
+        ids = ids.reshape(n // block, block)
+        mask = (ids[:, :, None] == ids[:, None, :])[:, None]                       # [blocks, 1, P, P]
+        out = jax.nn.dot_product_attention(q.reshape(shape), k.reshape(shape), v.reshape(shape), mask=mask)
+        return out.reshape(n, h, d)
+    mask = (segments[:, None] == segments[None, :])[None, None]                   # [1, 1, N, N]
+    return jax.nn.dot_product_attention(q[None], k[None], v[None], mask=mask)[0]
+
+
 def quick_gelu(x: jax.Array) -> jax.Array:
     return x * jax.nn.sigmoid(1.702 * x)
 
@@ -33,18 +56,10 @@ class VisionAttention(nnx.Module):
         q, k, v = qkv[:, 0], qkv[:, 1], qkv[:, 2]
         return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v
 
-    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, segments: jax.Array | int) -> jax.Array:
-        """x [N, E]; cos/sin [N, head_dim]; segments: [N] segment ids, or a static count of equal segments."""
-        n = x.shape[0]
+    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, segments) -> jax.Array:
+        """x [N, E]; cos/sin [N, head_dim]; segments: see `segment_attention`."""
         q, k, v = self.heads(x, cos, sin)
-        if isinstance(segments, int):
-            # Equal-size images (the fixed-bucket training path): batch them, no mask needed.
-            shape = (segments, n // segments, self.num_heads, self.head_dim)
-            out = jax.nn.dot_product_attention(q.reshape(shape), k.reshape(shape), v.reshape(shape))
-        else:
-            mask = (segments[:, None] == segments[None, :])[None, None]            # [1, 1, N, N]
-            out = jax.nn.dot_product_attention(q[None], k[None], v[None], mask=mask)
-        return self.proj(out.reshape(n, -1))
+        return self.proj(segment_attention(q, k, v, segments).reshape(x.shape[0], -1))
 
 
 class VisionBlock(nnx.Module):
@@ -102,16 +117,21 @@ class VisionTower(nnx.Module):
         self.dtype = dtype
         self.remat = nn.check_remat(remat)
 
-    def __call__(self, pixel_values: jax.Array, patch_pos: jax.Array, segments: jax.Array | int) -> jax.Array:
+    def __call__(self, pixel_values: jax.Array, patch_pos: jax.Array, segments: jax.Array | int,
+                 block: int | None = None) -> jax.Array:
         """
         Args:
           pixel_values: [N, patch_dim] float, patches in 2x2-block-major order (see `mr1jax.data.vision`).
           patch_pos: [N, 2] int (h, w) patch coordinates (`rope.vision_position_ids`).
           segments: [N] int attention segment per patch (`rope.vision_segment_ids`), or a static Python int:
             the number of equal-size segments (all images share one grid; no mask is built).
+          block: static P of the per-prompt padded layout (`rope.padded_patch_layout`): attention stays within
+            each prompt's block of P patches and, inside it, within a segment; `segments` numbers them per row.
         Returns:
           [N / merge^2, out_hidden_size] in the compute dtype.
         """
+        if block is not None:
+            segments = (block, segments)
         cos, sin = vision_cos_sin(patch_pos, self.cfg.head_dim, self.cfg.rope_theta)
         x = self.patch_embed(pixel_values.astype(self.dtype))
         x = nn.scan(self.blocks, lambda block, x, _: constrain_batch(block(constrain_batch(x), cos, sin, segments)),
