@@ -126,8 +126,10 @@ def get_config() -> ml_collections.ConfigDict:
     # Several processes (hosts): joined automatically on TPU slices, SLURM, Open MPI; elsewhere give the
     # coordinator (process 0's host:port), the process count and this process's id (or JAX_COORDINATOR_ADDRESS,
     # JAX_NUM_PROCESSES, JAX_PROCESS_ID). data.batch_size stays the global number of prompts per step.
+    # timeout_s: how long a process waits for the coordinator / the others to join; peer_timeout_s: a process
+    # whose heartbeat has not moved for this long is lost (every survivor exits with status 4).
     c.distributed = ml_collections.ConfigDict(dict(mode="auto", coordinator="", num_processes=0, process_id=-1,
-                                                   timeout_s=300))
+                                                   timeout_s=300, peer_timeout_s=30.0))
 
     c.checkpoint = ml_collections.ConfigDict()
     c.checkpoint.every_steps = 100

@@ -29,6 +29,10 @@ from mr1jax.models.qwen2_vl.hf import save_pretrained
 from mr1jax.trainer.checkpoint import CheckpointCorruptError, Checkpointer, CheckpointMismatchError
 
 
+#: Where a LoRA run's PEFT adapters go inside the export directory (the merged model is the directory itself).
+ADAPTER_SUBDIR = "adapter"
+
+
 class ExportError(ValueError):
     """The work dir holds no run or no checkpoint to export."""
 
@@ -55,9 +59,9 @@ def export_checkpoint(workdir: str, step: int | None = None, out: str | None = N
     lora_rank = config.get("lora", {}).get("rank", 0)
     out = out or os.path.join(workdir, f"hf-{step}")
     try:
-        if lora_rank:        # LoRA run: the checkpoint holds adapters; PEFT adapters next to the merged model
+        if lora_rank:        # LoRA run: the checkpoint holds adapters; PEFT adapters in OUT/adapter, merged model in OUT
             model = restore_run_adapters(model, config, workdir, step, lambda a: ckpt.restore_params(step, a))
-            lora.save_peft(model, out.rstrip("/") + "-adapter", lora.LoRAConfig.from_config(config))
+            lora.save_peft(model, os.path.join(out, ADAPTER_SUBDIR), lora.LoRAConfig.from_config(config))
             lora.merge_lora(model)
         else:
             nnx.update(model, ckpt.restore_params(step, nnx.state(model, nnx.Param)))

@@ -77,9 +77,18 @@ import jax  # noqa: E402
 from mr1jax.planning.planner import STEPS, make_plan  # noqa: E402
 from mr1jax.planning.programs import PRESETS, PlanError  # noqa: E402
 from mr1jax.planning.report import format_plan  # noqa: E402
+from mr1jax.trainer.config import ConfigError  # noqa: E402
 
 
 def main(argv: list[str]) -> None:
+    try:
+        _plan(argv)
+    except (PlanError, ConfigError) as e:     # a bad flag, topology, preset or config field: one line, exit 2
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
+
+
+def _plan(argv: list[str]) -> None:
     from absl import flags
 
     F = flags.FLAGS

@@ -12,7 +12,9 @@ import sys
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")  # "PyTorch was not found": torch is not used
 
 from mr1jax.trainer.config import ConfigError, unknown_override
-from mr1jax.trainer.loop import EXIT_CONFIG, EXIT_DIVERGED, EXIT_PREEMPTED, train_and_evaluate
+from mr1jax.parallel.distributed import PeerError
+from mr1jax.trainer.loop import (EXIT_CONFIG, EXIT_DIVERGED, EXIT_INTERRUPTED, EXIT_PEER, EXIT_PREEMPTED,
+                                train_and_evaluate)
 from mr1jax.trainer.watch import TrainingDivergedError
 
 __all__ = ["main", "train_and_evaluate"]
@@ -33,8 +35,16 @@ def main(argv: list[str]) -> None:
     except (TrainingDivergedError, NonFiniteStateError, CheckpointCorruptError) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(1 if isinstance(e, CheckpointCorruptError) else EXIT_DIVERGED)
+    except PeerError as e:                     # one line, and out now: JAX's shutdown would wait for the lost peer
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(EXIT_PEER)
+    except KeyboardInterrupt:
+        print(f"interrupted: stopped at once (before the first step, or a second Ctrl-C); nothing was saved since "
+              f"the last checkpoint; exit status {EXIT_INTERRUPTED}", file=sys.stderr, flush=True)
+        sys.exit(EXIT_INTERRUPTED)
     if out.get("preempted"):
-        sys.exit(EXIT_PREEMPTED)
+        sys.exit(out.get("exit_status", EXIT_PREEMPTED))
 
 
 def check_overrides(argv: list[str]) -> str | None:

@@ -28,6 +28,9 @@ parser.add_argument("--sleep_per_step", type=float, default=0.0)
 parser.add_argument("--family", default="qwen2_vl")
 parser.add_argument("--lora_rank", type=int, default=0)
 parser.add_argument("--native", type=int, default=0, help="1: native resolution on mixed image sizes")
+parser.add_argument("--lr", type=float, default=3e-4, help="the RL learning rate (differs per process in a test)")
+parser.add_argument("--timeout_s", type=int, default=300, help="config.distributed.timeout_s")
+parser.add_argument("--peer_timeout_s", type=float, default=30, help="config.distributed.peer_timeout_s")
 args = parser.parse_args()
 os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={args.devices}"
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -75,7 +78,7 @@ def config():
     c.data.batch_size, c.rollout.num_samples, c.rollout.max_new_tokens = 8, 2, 8
     c.data.num_train, c.data.num_eval, c.eval.num_batches, c.eval.every_steps = 64, 16, 1, 0
     c.model.tiny.hidden_size = 64
-    c.sft.learning_rate, c.optim.learning_rate, c.optim.warmup_steps = 3e-4, 3e-4, 0
+    c.sft.learning_rate, c.optim.learning_rate, c.optim.warmup_steps = 3e-4, args.lr, 0
     c.rl.micro_batches = 2
     c.model.logit_chunk = 4
     c.checkpoint.every_steps = 1
@@ -88,11 +91,23 @@ def config():
     if args.processes > 1:
         c.distributed.coordinator = f"localhost:{args.port}"
         c.distributed.num_processes, c.distributed.process_id = args.processes, args.process_id
+        c.distributed.timeout_s, c.distributed.peer_timeout_s = args.timeout_s, args.peer_timeout_s
     return c
 
 
 if __name__ == "__main__":
-    out = train_and_evaluate(config(), args.workdir)
+    from mr1jax.parallel.distributed import PeerError
+    from mr1jax.trainer.config import ConfigError
+    from mr1jax.trainer.loop import EXIT_CONFIG, EXIT_PEER
+
+    try:
+        out = train_and_evaluate(config(), args.workdir)
+    except ConfigError as e:                      # as `python -m mr1jax.train` does
+        print(f"error: {e}", flush=True)
+        sys.exit(EXIT_CONFIG)
+    except PeerError as e:
+        print(f"error: {e}", flush=True)
+        os._exit(EXIT_PEER)
     print("RESULT " + json.dumps({"process": jax.process_index(), "processes": jax.process_count(),
                                   "devices": jax.device_count(), "preempted": bool(out.get("preempted")),
                                   "compile_counts": out.get("compile_counts")}), flush=True)

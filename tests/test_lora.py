@@ -241,7 +241,7 @@ def test_lora_sft_merge_then_grpo_resumes_exactly_and_exports(tmp_path, graded_r
 
     final = load_pretrained(straight / "hf")
     out = export_checkpoint(str(straight), step=3)                      # adapters of the last RL checkpoint
-    assert os.path.exists(out + "-adapter/adapter_config.json")
+    assert os.path.exists(os.path.join(out, "adapter", "adapter_config.json"))    # inside --out
     exported = load_pretrained(out)
     flat = lambda m: {p: np.asarray(v[...]) for p, v in nnx.to_flat_state(nnx.state(m, nnx.Param))}  # noqa: E731
     a, b = flat(final), flat(exported)
@@ -357,3 +357,15 @@ def test_lora_sft_keep_then_grpo(tmp_path):
     kl = [r["kl"] for r in map(json.loads, (tmp_path / "metrics.jsonl").read_text().splitlines()) if "kl" in r]
     assert len(kl) == 2 and abs(kl[0]) < 1e-6 and kl[1] > 0
     assert not (tmp_path / "sft_adapters").exists()
+
+
+def test_lora_run_refused_before_training_leaves_no_run_behind(tmp_path):
+    """A LoRA config whose targets match no layer is refused after the model is built: the new work dir is removed
+    again (no run.lock / runs.jsonl left to confuse the next start)."""
+    from mr1jax.trainer.config import ConfigError
+    from mr1jax.trainer.loop import train_and_evaluate
+
+    work = tmp_path / "run"
+    with pytest.raises(ConfigError, match="matches no"):
+        train_and_evaluate(_config(**{"lora.targets": r"model\.nothing_here"}), str(work))
+    assert not work.exists()

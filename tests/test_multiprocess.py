@@ -29,6 +29,8 @@ from safetensors.numpy import load_file
 RUNNER = os.path.join(os.path.dirname(__file__), "multiprocess_train.py")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LR = 3e-4                                  # the runner's learning rates (SFT and RL)
+LOST_PEER_BOUND_S = 45                     # a survivor exits this soon after a peer dies (peer_timeout_s 15 + a
+                                           # step in flight; measured: see BUILD.md)
 
 
 def _free_port() -> int:
@@ -266,3 +268,72 @@ def test_native_resolution_on_two_processes_equals_one_process(tmp_path):
     buckets = {r.get("patch_bucket") for r in _steps(str(two))}
     assert None not in buckets and len(buckets) >= 1
     assert all(r["processes"] == 2 for r in _results(outputs))
+
+
+def test_different_settings_on_one_process_are_refused_before_compiling(tmp_path):
+    """Process 1 started with another learning rate: both processes stop with exit 2 before anything compiles or
+    is written, naming the field and each process's value."""
+    port = _free_port()
+    procs = [_popen([RUNNER, f"--workdir={tmp_path}", "--processes=2", f"--process_id={i}", f"--port={port}",
+                     "--devices=4", *(["--lr=0.001"] if i == 1 else [])]) for i in (0, 1)]
+    outputs = _wait(procs, timeout=300)
+    assert [code for code, _ in outputs] == [2, 2], [t[-2000:] for _, t in outputs]
+    for _, text in outputs:
+        assert "different settings" in text and "config.optim.learning_rate: process 0 0.0003, process 1 0.001" in text
+    assert not (tmp_path / "checkpoints").exists() and not (tmp_path / "metrics.jsonl").exists()
+
+
+def test_unreachable_coordinator_is_named_promptly(tmp_path):
+    """Process 1 of 2 started alone: it says the coordinator's host:port was not reachable within the timeout and
+    exits with status 4 (no C++ abort)."""
+    port = _free_port()
+    t0 = time.time()
+    (code, text), = _wait([_popen([RUNNER, f"--workdir={tmp_path}", "--processes=2", "--process_id=1",
+                                   f"--port={port}", "--devices=4", "--timeout_s=3"])], timeout=120)
+    assert code == 4, text[-2000:]
+    assert f"the coordinator localhost:{port} (process 0) was not reachable within 3 s" in text
+    assert time.time() - t0 < 60 and "Check failure" not in text
+
+
+@pytest.mark.slow
+def test_lost_peer_is_named_promptly_and_the_relaunch_resumes_exactly(two_process_run, tmp_path):
+    """SIGKILL of process 1 during RL: process 0 exits with status 4 and one line naming the loss and the last
+    complete checkpoint, within LOST_PEER_BOUND_S; relaunching both resumes and ends equal to the uninterrupted
+    run."""
+    work, _ = two_process_run
+    lost = str(tmp_path / "lost")
+    procs = _launch(lost, sleep_per_step=2, peer_timeout_s=15)
+    _wait_for_step(lost, 4, procs)                                  # steps 3-6 are RL
+    t0 = time.time()
+    procs[1].send_signal(signal.SIGKILL)
+    (code, text), = _wait([procs[0]], timeout=300)
+    elapsed = time.time() - t0
+    procs[1].wait()
+    assert code == 4, text[-3000:]
+    line = next(ln for ln in text.splitlines() if "lost at step" in ln or "was lost" in ln)
+    assert "the last complete checkpoint is step" in line and "rerun all processes to resume" in line
+    assert "Check failure" not in text                              # not JAX's C++ abort
+    print(f"survivor exited {elapsed:.1f} s after the kill: {line}")
+    assert elapsed < LOST_PEER_BOUND_S
+    outputs = _run(lost)
+    assert "resumed from step" in outputs[0][1]
+    _assert_same_run(work, lost, exact=True)
+
+
+@pytest.mark.slow
+def test_peer_lost_outside_a_collective_is_caught_by_the_watch(tmp_path):
+    """Process 1 dies while process 0 is between collectives (a long step): no collective fails, so the heartbeat
+    watch must notice within peer_timeout_s and exit with status 4 before JAX's C++ abort."""
+    work = str(tmp_path / "idle")
+    procs = _launch(work, sleep_per_step=40, peer_timeout_s=10)
+    _wait_for_step(work, 3, procs)                       # in RL; every RL step now starts with a 40 s sleep
+    time.sleep(2)
+    t0 = time.time()
+    procs[1].send_signal(signal.SIGKILL)
+    (code, text), = _wait([procs[0]], timeout=300)
+    elapsed = time.time() - t0
+    procs[1].wait()
+    assert code == 4 and "process 1 of 2 stopped answering for 10 s" in text, text[-3000:]
+    assert "the last complete checkpoint is step" in text and "Check failure" not in text
+    print(f"survivor exited {elapsed:.1f} s after the kill (peer_timeout_s 10)")
+    assert elapsed < 10 + 15

@@ -207,3 +207,12 @@ def test_plan_lora_qlora_on_a_mesh(tmp_path):
     assert set(steps) == {"grpo_update", "token_logprobs", "rollout"}
     for r in steps.values():
         assert r["memory"]["argument"] > plan["lora"]["frozen_base_bytes_per_device"]   # the base is an argument
+
+
+def test_unknown_topology_or_preset_is_one_line_and_exit_2():
+    for args, expected in ((["--topology=v9z:9x9", *SMALL], "--topology=v9z:9x9"),
+                           (["--config=configs/vision_r1.py", "--preset=qwen9_vl_1t"], "--preset='qwen9_vl_1t'")):
+        proc = _run_plan(args, timeout=300)
+        assert proc.returncode == 2, proc.stderr[-2000:]
+        errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
+        assert len(errors) == 1 and expected in errors[0] and "Traceback" not in proc.stderr, proc.stderr[-2000:]

@@ -384,7 +384,8 @@ class WorkdirLock:
 
 
 class PreemptionGuard:
-    """Sets `.requested` when SIGTERM (or SIGINT, if asked) arrives; restores the old handlers on exit.
+    """Sets `.requested` when SIGTERM (or SIGINT, if asked) arrives; restores the old handlers on exit. A second
+    SIGINT raises KeyboardInterrupt at once (Ctrl-C twice aborts without waiting for the save).
 
     Use as a context manager around the training loop and check `guard.requested` between steps.
     Only installs handlers from the main thread (signals cannot be caught elsewhere).
@@ -397,6 +398,8 @@ class PreemptionGuard:
         self._old: dict[int, Any] = {}
 
     def _handle(self, signum, frame):  # noqa: ARG002
+        if signum == signal.SIGINT and self.requested:      # a second Ctrl-C: stop now, without saving
+            raise KeyboardInterrupt
         self.requested = True
         self.signal_name = signal.Signals(signum).name
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import os
 from typing import Any
 
 import jax.numpy as jnp
@@ -88,6 +89,39 @@ def _flat_fields(c: Any, prefix: str = "") -> dict[str, Any]:
             out.update(_flat_fields(v, f"{prefix}{k}."))
         else:
             out[f"{prefix}{k}"] = v
+    return out
+
+
+#: Fields that legitimately differ between the processes of one run.
+PER_PROCESS_FIELDS = ("distributed.process_id",)
+
+
+def package_version() -> str:
+    """mr1jax's version and, in a git checkout, its commit (what each process of a run is running)."""
+    import importlib.metadata
+    import subprocess
+
+    try:
+        version = importlib.metadata.version("mr1jax")
+    except importlib.metadata.PackageNotFoundError:
+        version = "unknown"
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    try:
+        commit = subprocess.run(["git", "-C", root, "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                timeout=5).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        commit = ""
+    return f"{version} {commit}".strip()
+
+
+def run_fingerprint(c: ml_collections.ConfigDict) -> dict[str, str]:
+    """What every process of one run must share: each resolved config field (as text; the process id aside),
+    the package version / commit, and each data file's size (a different or stale file on one host)."""
+    out = {f"config.{k}": repr(v) for k, v in _flat_fields(c).items() if k not in PER_PROCESS_FIELDS}
+    out["mr1jax version"] = package_version()
+    for field in ("train_files", "eval_files"):
+        for f in [x.strip() for x in str(c.data.get(field, "") or "").split(",") if x.strip()]:
+            out[f"data file {f}"] = f"{os.path.getsize(f)} bytes" if os.path.exists(f) else "missing"
     return out
 
 

@@ -60,9 +60,13 @@ def evaluate(model, tokenizer, rows, c, max_new_tokens: int, mesh=None) -> dict[
     processes each scores its share of every batch and the metrics are over all of them (all processes call it)."""
     if rows is None:
         return {}
-    accs, fmts, lens = [], [], []
+    if len(rows) == 0:
+        raise ValueError("the held-out split has no rows to evaluate")
+    accs, fmts, lens, real = [], [], [], []
     n = jax.process_count()
-    batches = _eval_batches(rows, tokenizer, c, c.data.batch_size // n, jax.process_index(), n)
+    pad = -len(rows) % c.data.batch_size      # fewer rows than whole global batches: pad, score only the real ones
+    source = IndexedRows(rows, len(rows), pad) if pad else rows
+    batches = _eval_batches(source, tokenizer, c, c.data.batch_size // n, jax.process_index(), n)
     for i, batch in enumerate(batches):
         if i >= c.eval.num_batches:
             break
@@ -70,11 +74,14 @@ def evaluate(model, tokenizer, rows, c, max_new_tokens: int, mesh=None) -> dict[
         accs.append(acc)
         fmts.append(fmt)
         lens.append(length)
-    if not accs:
-        return {}
-    scores = distributed.gather(np.stack([np.concatenate(x) for x in (accs, fmts, lens)], 1).astype(np.float64))
+        real.append(np.array([int(x) < len(rows) for x in batch.ids]) if pad else np.ones(len(acc), bool))
+    columns = [np.concatenate(x) for x in (accs, fmts, lens, real)] if accs else [np.zeros(0)] * 4
+    scores = distributed.gather(np.stack(columns, 1).astype(np.float64))
+    scores = scores[scores[:, 3] > 0]
+    if not len(scores):
+        raise ValueError(f"no held-out example was evaluated ({len(rows)} rows, batches of {c.data.batch_size})")
     return {"eval_accuracy": float(scores[:, 0].mean()), "eval_format_rate": float(scores[:, 1].mean()),
-            "eval_completion_len": float(scores[:, 2].mean())}
+            "eval_completion_len": float(scores[:, 2].mean()), "eval_examples": int(len(scores))}
 
 
 def sample_completions(model, tokenizer, rows, c, *, num: int = 8, max_new_tokens: int | None = None,

@@ -8,7 +8,10 @@ line around it is `mr1jax.train`.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
+import sys
 import time
 from typing import Any
 
@@ -27,9 +30,10 @@ from mr1jax.trainer.build import build_model, build_rows, split_for_training
 from mr1jax.trainer.checkpoint import Checkpointer, PreemptionGuard, checkpoint_tree, restore_state
 from mr1jax.trainer.config import (ConfigError, beta_schedule, log_every, image_kwargs, image_sizing,
                                    make_optimizers, model_dtypes, phase_steps, updates_per_rl_step, uses_kl,
-                                   validate_config)
+                                   run_fingerprint, validate_config)
 from mr1jax.trainer.evaluation import eval_max_new_tokens, evaluate, evaluate_tasks
-from mr1jax.trainer.metrics import MetricsWriter, log_before_rl, read_before_rl, truncate_metrics, write_summary
+from mr1jax.trainer.metrics import (MetricsWriter, log_before_rl, metrics_text, read_before_rl, truncate_metrics,
+                                    write_summary)
 from mr1jax.trainer.plots import plot_curves
 from mr1jax.trainer.run_dir import check_run_dir, export_hf, lock_workdir, record_run_start, write_config
 from mr1jax.trainer.step import StepFunctions, rl_step, sft_patch_bucket, sft_step, start_rl
@@ -39,10 +43,33 @@ from mr1jax.trainer.watch import StepWatch, TrainingDivergedError, eta_text, rl_
 #: 1 an unexpected error, 2 a config / work dir problem found before training (bad field, work dir in use
 #: by another run, another model in the dir), 3 training diverged (non-finite updates), 143 (128 + SIGTERM)
 #: preempted: a checkpoint was saved and rerunning the same command resumes.
-EXIT_CONFIG, EXIT_DIVERGED, EXIT_PREEMPTED = 2, 3, 143
+EXIT_CONFIG, EXIT_DIVERGED, EXIT_PEER, EXIT_INTERRUPTED, EXIT_PREEMPTED = 2, 3, 4, 130, 143
 
 
 # ---------------------------------------------------------------------------------------------- the loop
+@contextlib.contextmanager
+def _peers_watched(checkpoint_dir: str, processes: int):
+    """Turn a collective that failed because another process went away into one `PeerError` naming the step and
+    the last complete checkpoint (with several processes; anything else passes through)."""
+    try:
+        yield
+    except Exception as e:
+        if not distributed.is_peer_failure(e):
+            raise
+        raise distributed.PeerError(
+            f"process {jax.process_index()}: another of the {processes} processes was lost (a collective failed: "
+            f"{str(e).splitlines()[0][:160]}); {_last_complete(checkpoint_dir)}; rerun all processes to resume"
+        ) from None
+
+
+def _last_complete(checkpoint_dir: str) -> str:
+    """'the last complete checkpoint is step N' (finalized directories only: a save cut off stays *-tmp-*)."""
+    root = epath.Path(checkpoint_dir)
+    done = [int(p.name) for p in root.glob("*") if p.name.isdigit()] if root.exists() else []
+    return f"the last complete checkpoint is step {max(done)}" if done else "no checkpoint was completed"
+
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, devices=None) -> dict[str, Any]:
     """Run (or resume) training in `workdir` on `devices` (default: all); returns the final metrics and, under
     ``compile_counts``, how many times each jitted step compiled (``preempted: True`` instead when a SIGTERM
@@ -56,12 +83,29 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, devic
     steps in a row."""
     stages = validate_config(config)
     distributed.initialize(config.get("distributed"))             # several processes: join them (before devices)
-    epath.Path(workdir).mkdir(parents=True, exist_ok=True)       # local, or any etils.epath file system (gs://)
-    with lock_workdir(workdir):
-        check_run_dir(config, workdir)
-        if distributed.is_primary():
-            record_run_start(config, workdir)
-        return _train(config, workdir, stages, devices)
+    if jax.process_count() > 1:                                   # one config for all: compared before any compile
+        problems = distributed.differences(distributed.agree("run", run_fingerprint(config)))
+        if problems:
+            raise ConfigError("the processes of this run were started with different settings (nothing was "
+                              "compiled or written; start every process with the same config and code):\n  "
+                              + "\n  ".join(problems))
+    root = epath.Path(workdir)
+    fresh = not root.exists() or not any(root.iterdir())          # this start creates the work dir's contents
+    root.mkdir(parents=True, exist_ok=True)                       # local, or any etils.epath file system (gs://)
+    try:
+        with lock_workdir(workdir):
+            check_run_dir(config, workdir)
+            if distributed.is_primary():
+                record_run_start(config, workdir)
+            return _train(config, workdir, stages, devices)
+    except ConfigError:
+        if fresh and distributed.is_primary() and not (root / "checkpoints").exists():
+            for name in ("runs.jsonl", "config.json", "run.lock"):   # refused before training: leave no run behind
+                if (root / name).exists():
+                    (root / name).unlink()
+            if not any(root.iterdir()):
+                root.rmdir()
+        raise
 
 
 
@@ -98,8 +142,10 @@ def _train(c: ml_collections.ConfigDict, workdir: str, stages, devices) -> dict[
         state = state.replace(ref_params=lora.disabled(state.ref_params))
     fns = StepFunctions(graphdef, mesh, st.state_shardings(state, mesh), sft_tx=sft_tx, rl_tx=rl_tx, frozen=frozen)
     if frozen is not None:
+        quant = c.lora.get("base_quant", "none")
         say(f"LoRA rank {lora_cfg.rank} on {len(lora.adapted(model))} linear layers ({c.lora.targets}): "
-            f"{lora.num_params(params):,} trainable of {lora.num_params(frozen):,} base parameters")
+            f"{lora.num_params(params):,} trainable of {lora.num_params(frozen):,} base parameters; frozen base "
+            + (f"quantised to {quant} (QLoRA)" if quant != "none" else f"in {c.model.dtype}"))
     say(f"model: {sum(x.size for x in jax.tree.leaves(params)):,} parameters ({c.model.param_dtype} master, "
         f"{c.model.dtype} compute, remat {c.model.remat}); reference model "
         f"{'kept (' + c.model.dtype + ')' if kl_on else 'skipped (beta = 0)'}")
@@ -163,7 +209,13 @@ def _train(c: ml_collections.ConfigDict, workdir: str, stages, devices) -> dict[
         say("evaluating the starting model on the held-out splits")
         before_rl = evaluate_all(stages[0])
         log_before_rl(writer, 0, before_rl, say)
-    with PreemptionGuard() as guard:
+    def peer_lost(why: str) -> None:                  # from the watch thread: one line, then out (JAX would abort)
+        print(f"error: process {jax.process_index()}: {why}; lost at step {state.step + 1}; "
+              f"{_last_complete(ckpt.directory)}; rerun all processes to resume", file=sys.stderr, flush=True)
+        os._exit(EXIT_PEER)
+
+    with PreemptionGuard((signal.SIGTERM, signal.SIGINT)) as guard, _peers_watched(ckpt.directory, processes), \
+            distributed.PeerWatch(peer_lost, stale_s=float(c.get("distributed", {}).get("peer_timeout_s", 30))):
         stop = False
         while state.step < end and not stop:
             if state.step < sft_steps:
@@ -214,7 +266,7 @@ def _train(c: ml_collections.ConfigDict, workdir: str, stages, devices) -> dict[
             elif step > sft_steps and c.eval.every_steps and step % c.eval.every_steps == 0 and step < end:
                 ev = evaluate(policy(), tokenizer, eval_rows, c, eval_max_new_tokens(c, stage), mesh)
                 writer.write(step, ev)
-                say("eval " + " ".join(f"{k} {v:.3f}" for k, v in ev.items()))
+                say("eval " + metrics_text(ev))
             stop = distributed.any_process(guard.requested)   # a SIGTERM on any process: all save this step
             if (stop or step % c.checkpoint.every_steps == 0 or step in (end, sft_steps)
                     or (step > sft_steps and is_stage_boundary(stages, step - sft_steps))):
@@ -222,9 +274,10 @@ def _train(c: ml_collections.ConfigDict, workdir: str, stages, devices) -> dict[
     if stop:
         ckpt.close()
         writer.close()
-        say(f"{guard.signal_name or 'SIGTERM on another process'}: saved checkpoint at step {state.step}; exiting "
-            f"with status {EXIT_PREEMPTED}", every_process=True)
-        return dict(last, preempted=True)
+        status = EXIT_INTERRUPTED if guard.signal_name == "SIGINT" else EXIT_PREEMPTED
+        say(f"{guard.signal_name or 'a signal on another process'}: saved checkpoint at step {state.step}; exiting "
+            f"with status {status}; rerun the same command to resume", every_process=True)
+        return dict(last, preempted=True, exit_status=status)
 
     # ---- final evaluation, summary, export
     say("final evaluation on the held-out splits")
@@ -232,7 +285,7 @@ def _train(c: ml_collections.ConfigDict, workdir: str, stages, devices) -> dict[
     ev = next(iter(after.values()))
     writer.write(end, ev)
     for t, m in after.items():
-        say(f"final eval, {t}: " + " ".join(f"{k} {v:.3f}" for k, v in m.items()))
+        say(f"final eval, {t}: " + metrics_text(m))
     if end == total and primary:
         summary = write_summary(workdir, c, before_rl, after, elapsed())
         for t, m in summary["tasks"].items():

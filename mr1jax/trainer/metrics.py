@@ -15,6 +15,11 @@ from mr1jax.parallel.storage import is_url
 from mr1jax.trainer.config import main_task_name, phase_steps
 
 
+def metrics_text(metrics: dict[str, float]) -> str:
+    """'name value ...' for a console line: counts as integers, the rest with 3 decimals."""
+    return " ".join(f"{k} {v:d}" if isinstance(v, int) else f"{k} {v:.3f}" for k, v in metrics.items())
+
+
 def recent_step_time(times: list[float]) -> float:
     """Median of the last 10 step times of the current phase, leaving out its first (compiling) step."""
     return float(np.median((times[1:] or times)[-10:]))
@@ -84,7 +89,7 @@ def json_value(v: Any) -> Any:
 def log_before_rl(writer: "MetricsWriter", step: int, per_task: dict[str, dict[str, float]], say) -> None:
     writer.write(step, {f"before_rl/{t}/{k}": v for t, ev in per_task.items() for k, v in ev.items()})
     for t, ev in per_task.items():
-        say(f"before RL, {t}: " + " ".join(f"{k} {v:.3f}" for k, v in ev.items()))
+        say(f"before RL, {t}: " + metrics_text(ev))
 
 
 def write_summary(workdir: str, c, before: dict[str, dict[str, float]], after: dict[str, dict[str, float]],
