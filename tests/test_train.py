@@ -261,7 +261,8 @@ def test_shortened_default_command_writes_finite_summary_and_curves(tmp_path):
     for task in ("counting", "geometry"):
         for part in ("before_rl", "after_rl"):
             values = summary["tasks"][task][part]
-            assert set(values) == {"eval_accuracy", "eval_format_rate", "eval_completion_len"}
+            assert set(values) == {"eval_accuracy", "eval_format_rate", "eval_completion_len", "eval_examples"}
+            assert values["eval_examples"] > 0
             assert all(np.isfinite(v) for v in values.values())
     png = (tmp_path / "curves.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
