@@ -157,7 +157,7 @@ def test_sft_micro_batches_and_chunks_give_the_same_update(setup, cfg):
     assert float(m0["loss"]) > 1.0 and float(m0["tokens"]) == b["loss_mask"][:, 1:].sum()
     _assert_trees_close(new, base, rtol=1e-4, atol=1e-6)
 
-\[email protected]  # 40-50 s on 2 cores: the default set stays under CI's 15 minutes
+@pytest.mark.slow  # 40-50 s on 2 cores: the default set stays under CI's 15 minutes
 def test_bf16_compute_with_fp32_master_weights_trains_at_lr_1e6(setup):
     """lr 1e-6 AdamW for 10 steps: with fp32 master weights every element with a non-negligible gradient
     moves (bf16 storage would freeze almost all of them); the bf16 loss tracks the fp32 loss."""
