@@ -64,16 +64,10 @@ def _checkpoint_params(workdir, step):
 
 @pytest.mark.slow
 def test_ctrl_c_mid_sft_saves_and_the_rerun_resumes_exactly(tmp_path):
+    from tests.test_train import signal_when
+
     proc = _train(tmp_path / "a")
-    lines, deadline = [], time.time() + 300
-    for line in proc.stdout:
-        lines.append(line)
-        if "sft step 3/" in line:
-            proc.send_signal(signal.SIGINT)
-            break
-        assert time.time() < deadline, "".join(lines)
-    rest, _ = proc.communicate(timeout=300)
-    out = "".join(lines) + rest
+    out = signal_when(proc, "sft step 3/", signal.SIGINT)
     assert proc.returncode == 130, out[-3000:]
     assert "SIGINT: saved checkpoint at step" in out and "Traceback" not in out
     saved = int(out.split("SIGINT: saved checkpoint at step ")[1].split(";")[0])

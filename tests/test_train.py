@@ -152,6 +152,19 @@ def test_resume_is_exact(tmp_path):
     assert log(straight) == log(split)                         # same data order and rollouts
 
 
+def signal_when(proc: subprocess.Popen, marker: str, sig: int, timeout: float = 300) -> str:
+    """Send `sig` to `proc` once a line of its output contains `marker`; its whole output after it exits."""
+    lines, deadline = [], time.time() + timeout
+    for line in proc.stdout:
+        lines.append(line)
+        if marker in line:
+            proc.send_signal(sig)
+            break
+        assert time.time() < deadline, "".join(lines)
+    rest, _ = proc.communicate(timeout=timeout)
+    return "".join(lines) + rest
+
+
 def test_sigterm_saves_a_loadable_checkpoint(tmp_path):
     args = [sys.executable, "-m", "mr1jax.train", "--config=configs/grpo.py", f"--workdir={tmp_path}",
             "--config.total_steps=200", "--config.data.batch_size=2", "--config.data.image_size=28",
@@ -159,16 +172,7 @@ def test_sigterm_saves_a_loadable_checkpoint(tmp_path):
             "--config.checkpoint.every_steps=1000", "--config.log_every=1"]
     proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env=dict(os.environ, PYTHONPATH=str(ROOT)))
-    lines = []
-    deadline = time.time() + 300
-    for line in proc.stdout:
-        lines.append(line)
-        if "step 2/" in line:
-            proc.send_signal(signal.SIGTERM)
-            break
-        assert time.time() < deadline, "".join(lines)
-    rest, _ = proc.communicate(timeout=300)
-    output = "".join(lines) + rest
+    output = signal_when(proc, "step 2/", signal.SIGTERM)
     from mr1jax.trainer.loop import EXIT_PREEMPTED
     assert proc.returncode == EXIT_PREEMPTED == 143, output      # a scheduler tells a preemption from the end
     assert "SIGTERM: saved checkpoint" in output

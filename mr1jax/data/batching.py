@@ -7,7 +7,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, Callable
 
 import grain
 import numpy as np
@@ -15,8 +15,8 @@ import numpy as np
 from mr1jax.data.examples import IN_MEMORY, example_images, where
 from mr1jax.data.rows import DataError
 from mr1jax.data.chat import build_messages, format_prompts
-from mr1jax.data.sizing import ImageSizing, pad_pixel_values
-from mr1jax.data.vision import num_image_tokens, preprocess_images
+from mr1jax.data.sizing import pad_pixel_values
+from mr1jax.data.vision import num_image_tokens
 
 logger = logging.getLogger("mr1jax.data.pipeline")
 
@@ -29,29 +29,6 @@ def native_fields(source: Sequence[Mapping[str, Any]], i: int) -> Mapping[str, A
     return example
 
 
-class PrepareNative:
-    """Per-example map of native resolution: each image at its own grid (`ImageSizing.preprocess`); the element
-    carries its global batch's patch bucket (``bucket``)."""
-
-    def __init__(self, sizing: ImageSizing, skip_bad_rows: bool):
-        self.sizing = sizing
-        self.skip_bad_rows = skip_bad_rows
-
-    def __call__(self, element: tuple[Mapping[str, Any], int]) -> dict[str, Any] | None:
-        example, bucket = element
-        try:
-            pixel_values, grid = self.sizing.preprocess(example_images(example))
-        except (ValueError, OSError, TypeError) as e:
-            file, row = where(example)
-            err = DataError(file, row, "image", str(e))
-            if self.skip_bad_rows:
-                logger.warning("skipping bad row: %s", err)
-                return None
-            raise err from e
-        return {"pixel_values": pixel_values, "image_grid_thw": grid, "question": example["question"],
-                "answer": example["answer"], "id": str(example["id"]), "bucket": bucket}
-
-
 class WithBucket:
     """Element ``j`` of this process's stream -> (row, patch bucket of its global batch). The global batch of
     ``b * count`` consecutive elements of `ds` is the same on every process, and so is its bucket: the smallest
@@ -60,13 +37,17 @@ class WithBucket:
 
     def __init__(self, ds: grain.MapDataset, patches: grain.MapDataset, b: int, index: int, count: int, buckets):
         self.ds, self.patches, self.b, self.index, self.count, self.buckets = ds, patches, b, index, count, buckets
+        self._last = (-1, 0)              # (global batch, its bucket): computed once per batch, not per element
 
     def __call__(self, j: int):
-        per_global = self.b * self.count
-        first = (j // self.b) * per_global
-        position = first + self.index * self.b + j % self.b
-        top = max(int(self.patches[t]) for t in range(first, min(first + per_global, len(self.patches))))
-        return self.ds[position], self.buckets(top)
+        batch = j // self.b
+        last_batch, bucket = self._last
+        if batch != last_batch:
+            first = batch * self.b * self.count
+            end = min(first + self.b * self.count, len(self.patches))
+            bucket = self.buckets(max(int(self.patches[t]) for t in range(first, end)))
+            self._last = (batch, bucket)
+        return self.ds[global_position(j, self.b, self.index, self.count)], bucket
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,15 +97,19 @@ class RLBatch:
 
 
 class PrepareExample:
-    """Per-example map: decode and preprocess the image to ``image_size`` (runs in read threads)."""
+    """Per-example map (runs in read threads): decode and preprocess the row's images with `preprocess`
+    (``images -> (pixel_values, image_grid_thw)``: a fixed size, or `ImageSizing.preprocess` at native
+    resolution). An element may come as (row, patch bucket of its global batch) (`WithBucket`); the bucket is
+    passed on as ``bucket``. A bad image is a DataError naming the row, or (``skip_bad_rows``) the row is dropped."""
 
-    def __init__(self, image_size: tuple[int, int], skip_bad_rows: bool):
-        self.image_size = image_size
+    def __init__(self, preprocess: Callable[[list[Any]], tuple[np.ndarray, np.ndarray]], skip_bad_rows: bool):
+        self.preprocess = preprocess
         self.skip_bad_rows = skip_bad_rows
 
-    def __call__(self, example: Mapping[str, Any]) -> dict[str, Any] | None:
+    def __call__(self, element: Mapping[str, Any] | tuple[Mapping[str, Any], int]) -> dict[str, Any] | None:
+        example, bucket = element if isinstance(element, tuple) else (element, None)
         try:
-            pixel_values, grid = preprocess_images(example_images(example), fixed_size=self.image_size)
+            pixel_values, grid = self.preprocess(example_images(example))
         except (ValueError, OSError, TypeError) as e:
             file, row = where(example)
             err = DataError(file, row, "image", str(e).removeprefix("image 0: ").removeprefix("image 0"))
@@ -132,13 +117,11 @@ class PrepareExample:
                 logger.warning("skipping bad row: %s", err)
                 return None
             raise err from e
-        return {
-            "pixel_values": pixel_values,
-            "image_grid_thw": grid,
-            "question": example["question"],
-            "answer": example["answer"],
-            "id": str(example["id"]),
-        }
+        out = {"pixel_values": pixel_values, "image_grid_thw": grid, "question": example["question"],
+               "answer": example["answer"], "id": str(example["id"])}
+        if bucket is not None:
+            out["bucket"] = bucket
+        return out
 
 
 class ShareOfBatches:
@@ -149,7 +132,13 @@ class ShareOfBatches:
         self.ds, self.b, self.index, self.count = ds, b, index, count
 
     def __call__(self, j: int):
-        return self.ds[(j // self.b) * self.b * self.count + self.index * self.b + j % self.b]
+        return self.ds[global_position(j, self.b, self.index, self.count)]
+
+
+def global_position(j: int, b: int, index: int, count: int) -> int:
+    """Element `j` of process `index`'s share -> its position in the global stream: row ``index * b + j % b`` of
+    global batch ``j // b`` (global batches of ``b * count`` elements)."""
+    return (j // b) * b * count + index * b + j % b
 
 
 def as_list(elements: Sequence[Any]) -> list[Any]:

@@ -50,6 +50,7 @@ so an image span is never split and the image features always match the image to
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -59,11 +60,11 @@ import numpy as np
 
 from mr1jax.data.chat import IMAGE_PAD_TOKEN, build_messages
 from mr1jax.data.examples import IN_MEMORY, example_images, num_images, where
-from mr1jax.data.batching import (Collate, PrepareExample, PrepareNative, RLBatch, ShareOfBatches, WithBucket,
+from mr1jax.data.batching import (Collate, PrepareExample, RLBatch, ShareOfBatches, WithBucket,
                                   as_list, native_fields, render_question)
 from mr1jax.data.rows import DataError
 from mr1jax.data.sizing import ImageSizing
-from mr1jax.data.vision import DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS
+from mr1jax.data.vision import DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS, preprocess_images
 
 __all__ = ["RLBatch", "example_images", "make_rl_dataset", "patches_per_image", "prepare_source", "render_question"]
 
@@ -317,7 +318,7 @@ def make_rl_dataset(
         resolution: the most images a row may carry.
       min_pixels, max_pixels: native resolution's limits on each image's resized area.
       patch_buckets: native resolution's per-prompt patch buckets (multiples of 4; () = derived from max_pixels
-        and images_per_prompt, `mr1jax.data.vision.PatchBuckets.for_limits`). Every process of a run derives a
+        and images_per_prompt, `mr1jax.data.sizing.PatchBuckets.for_limits`). Every process of a run derives a
         batch's bucket from the whole global batch (each row's size is read from its header up front), so all
         pad their shares to the same shape.
 
@@ -375,13 +376,13 @@ def make_rl_dataset(
         per_global = int(batch_size) * shard_count
         ds = grain.MapDataset.range((len(ds) // per_global) * int(batch_size)).map(
             WithBucket(ds, patches, int(batch_size), int(shard_index), shard_count, patch_bucket_of))
-        ds = ds.map(PrepareNative(sizing, skip_bad_rows))
+        ds = ds.map(PrepareExample(sizing.preprocess, skip_bad_rows))
     else:
         if sharded:                               # this process's rows of each global batch
             per_global = int(batch_size) * shard_count
             ds = grain.MapDataset.range((len(ds) // per_global) * int(batch_size)).map(
                 ShareOfBatches(ds, int(batch_size), int(shard_index), shard_count))
-        ds = ds.map(PrepareExample(image_hw, skip_bad_rows))
+        ds = ds.map(PrepareExample(functools.partial(preprocess_images, fixed_size=image_hw), skip_bad_rows))
     read_options = grain.ReadOptions(
         num_threads=max(1, int(read_threads)),
         prefetch_buffer_size=int(prefetch_buffer_size) if prefetch_buffer_size is not None else 2 * batch_size,

@@ -14,7 +14,7 @@ import PIL.Image
 
 from mr1jax.data.vision import DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS, ImageLike, preprocess_images, smart_resize
 
-__all__ = ["ImageSizing", "PatchBuckets", "image_hw", "pad_pixel_values", "patch_count"]
+__all__ = ["ImageSizing", "PatchBuckets", "image_hw", "max_patches", "pad_pixel_values"]
 
 
 def image_hw(image: ImageLike) -> tuple[int, int]:
@@ -40,12 +40,9 @@ def image_hw(image: ImageLike) -> tuple[int, int]:
     return (width, height) if orientation in (5, 6, 7, 8) else (height, width)
 
 
-def patch_count(height: int, width: int, *, min_pixels: int, max_pixels: int, patch_size: int = 14,
-                merge_size: int = 2) -> int:
-    """Patches (rows of ``pixel_values``) of one image of ``height x width`` resized by `smart_resize`."""
-    h, w = smart_resize(height, width, factor=patch_size * merge_size, min_pixels=min_pixels,
-                        max_pixels=max_pixels)
-    return (h // patch_size) * (w // patch_size)
+def max_patches(max_pixels: int) -> int:
+    """The most patches `smart_resize` gives one image under `max_pixels` (whole 28 x 28 blocks of 4 patches)."""
+    return (max_pixels // 28**2) * 4
 
 
 class PatchBuckets:
@@ -64,8 +61,8 @@ class PatchBuckets:
         self.sizes = tuple(sizes)
 
     @classmethod
-    def for_limits(cls, max_pixels: int, images_per_prompt: int, patch_size: int = 14) -> "PatchBuckets":
-        top = images_per_prompt * (max_pixels // patch_size**2)
+    def for_limits(cls, max_pixels: int, images_per_prompt: int) -> "PatchBuckets":
+        top = images_per_prompt * max_patches(max_pixels)
         return cls(max(16, -(-int(top * f) // 16) * 16) for f in (1 / 8, 1 / 4, 3 / 8, 1 / 2, 3 / 4, 1))
 
     def __call__(self, patches: int) -> int:
@@ -121,7 +118,7 @@ class ImageSizing:
             raise ValueError(f"need 0 < min_pixels <= max_pixels, got {self.min_pixels}, {self.max_pixels}")
         if not self.fixed:
             top = self.patch_buckets().sizes[-1]
-            need = self.images_per_prompt * self.max_patches_per_image
+            need = self.images_per_prompt * max_patches(self.max_pixels)
             if top < need:
                 raise ValueError(f"the largest patch bucket {top} is smaller than images_per_prompt x "
                                  f"max_pixels / 14^2 = {need} patches (a prompt of full-size images would not fit)")
@@ -130,14 +127,9 @@ class ImageSizing:
     def native(self) -> bool:
         return not self.fixed
 
-    @property
-    def max_patches_per_image(self) -> int:
-        """The most patches smart_resize gives one image under max_pixels (rounded down to whole 2x2 blocks)."""
-        return (self.max_pixels // 28**2) * 4
-
     def patch_buckets(self) -> PatchBuckets:
         return PatchBuckets(self.buckets) if self.buckets else \
-            PatchBuckets.for_limits(self.max_patches_per_image * 14**2, self.images_per_prompt)
+            PatchBuckets.for_limits(self.max_pixels, self.images_per_prompt)
 
     def preprocess(self, images: Sequence[ImageLike]) -> tuple[np.ndarray, np.ndarray]:
         """(pixel_values, image_grid_thw) of a row's images (none: [0, 1176] and [0, 3])."""

@@ -226,7 +226,8 @@ def _train(c: ml_collections.ConfigDict, workdir: str, stages, devices) -> dict[
                 state, last = sft_step(state, fns, tokenizer, model_config, examples, c=c,
                                        seq_len=sft_len, response_fn=sft_trace, spare=spare,
                                        patches_per_example=sft_patch_bucket(sizing, train_rows, state.step,
-                                                                            c.data.batch_size, c.seed))
+                                                                            c.data.batch_size, c.seed)
+                                       if processes > 1 else None)   # one process: the batch's own bucket
                 line = f"sft step {state.step}/{end} loss {last['sft_loss']:.4f} grad_norm {last['grad_norm']:.3f}"
             else:
                 stage_idx, stage = stage_at(stages, state.step - sft_steps)
